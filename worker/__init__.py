@@ -1,0 +1,1 @@
+"""genq worker: everything that runs next to the model."""

@@ -1,0 +1,149 @@
+"""The one error hierarchy of genq (no torch import).
+
+Two branches, and the branch decides what happens:
+
+* :class:`PermanentError` — retrying cannot help (bad input, unknown profile, a prompt longer
+  than the context).  Item-level ones become the ``error`` object of that item's result; job-level
+  ones refuse the job or stop the worker with a message naming what to fix.
+* :class:`TransientError` — the same call may succeed later (lost connection, out of memory).
+  They are retried; an item only records one when retrying is exhausted.
+
+Every error has a stable ``code`` (snake_case), which is what results carry as ``error.type``.
+"""
+
+from __future__ import annotations
+
+
+class GenqError(Exception):
+    """Base of every error genq raises on purpose."""
+
+    code: str = "genq_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.code, "message": self.message}
+
+
+class PermanentError(GenqError):
+    """Retrying will not help."""
+
+    code = "permanent_error"
+
+
+class TransientError(GenqError):
+    """May succeed if tried again."""
+
+    code = "transient_error"
+
+
+# --- input and configuration -------------------------------------------------------------
+
+
+class InputError(PermanentError):
+    """A bad input line or file.  Names the line (1-based) and the field where known."""
+
+    code = "invalid_input"
+
+    def __init__(
+        self, message: str, *, line: int | None = None, field: str | None = None, source: str | None = None
+    ) -> None:
+        self.line = line
+        self.field = field
+        self.source = source
+        where = []
+        if source:
+            where.append(source)
+        if line is not None:
+            where.append(f"line {line}")
+        if field:
+            where.append(f"field '{field}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.detail = message
+
+
+class ConfigError(PermanentError):
+    """A bad setting, environment variable or profile file."""
+
+    code = "config_error"
+
+
+class ProfileNotFound(ConfigError):
+    code = "unknown_profile"
+
+
+class ModeError(PermanentError):
+    """An explicit mode the hardware cannot run, or an unknown mode."""
+
+    code = "mode_unavailable"
+
+
+class InsufficientMemory(PermanentError):
+    """The model fits in no mode on this machine.  The message names the numbers."""
+
+    code = "insufficient_memory"
+
+
+class ModelLoadError(PermanentError):
+    """The model or adapter cannot be loaded (gated, missing, offline without cache, unsafe)."""
+
+    code = "model_load_error"
+
+
+class JobNotFound(PermanentError):
+    code = "job_not_found"
+
+
+class JobConflict(PermanentError):
+    """Re-submitting a job id with different inputs or settings."""
+
+    code = "job_conflict"
+
+
+# --- item-level outcomes -------------------------------------------------------------------
+
+
+class ContextLengthExceeded(PermanentError):
+    code = "context_length_exceeded"
+
+
+class GenerationError(PermanentError):
+    code = "generation_error"
+
+
+class WorkerLost(PermanentError):
+    """The item kept killing the worker processes that took it."""
+
+    code = "worker_lost"
+
+
+class Cancelled(PermanentError):
+    code = "cancelled"
+
+
+class Expired(PermanentError):
+    code = "expired"
+
+
+# --- transient -----------------------------------------------------------------------------
+
+
+class OutOfMemory(TransientError):
+    """CUDA OOM or MemoryError; the engine halves the micro-batch and retries."""
+
+    code = "out_of_memory"
+
+
+class StoreUnavailable(TransientError):
+    """Redis could not be reached (after the client's own retries)."""
+
+    code = "store_unavailable"
+
+
+class ShutdownRequested(TransientError):
+    """The worker was asked to stop; the unfinished part of the chunk is handed back."""
+
+    code = "shutdown_requested"

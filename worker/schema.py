@@ -1,0 +1,209 @@
+"""Job items, generation parameters, results and job records (pydantic; never imports torch).
+
+This module is the wire contract between the producer, the job store and the workers.  Everything
+that crosses Redis is one of these models serialised as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+Mode = Literal["nf4", "fp32"]
+"""How a worker holds the model: NF4 4-bit through bitsandbytes, or fp32 with the adapter merged."""
+
+QueueMode = Literal["any", "nf4", "fp32"]
+"""Which workers may take a job's chunks: ``any`` or only those of one mode."""
+
+MODES: tuple[Mode, ...] = ("nf4", "fp32")
+QUEUE_MODES: tuple[QueueMode, ...] = ("any", "nf4", "fp32")
+
+JobStatus = Literal["queued", "in_progress", "completed", "cancelling", "cancelled", "expired"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "cancelled", "expired"})
+
+ItemStatus = Literal["ok", "error"]
+FinishReason = Literal["stop", "length"]
+
+MAX_STOP_SEQUENCES = 16
+MAX_ID_LENGTH = 512
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenParams(_Strict):
+    """Generation parameters.  ``None`` means "use the job's, else the profile's default"."""
+
+    max_new_tokens: Annotated[StrictInt, Field(gt=0)] | None = None
+    temperature: Annotated[StrictFloat | StrictInt, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    seed: StrictInt | None = None
+    stop: list[StrictStr] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_entries(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(s == "" for s in value):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**63:
+            raise ValueError("seed must be between 0 and 2**63 - 1")
+        return value
+
+    def over(self, base: GenParams) -> GenParams:
+        """These parameters, with unset ones taken from ``base``."""
+        merged = base.model_dump()
+        merged.update({k: v for k, v in self.model_dump().items() if v is not None})
+        return GenParams(**merged)
+
+
+PARAM_FIELDS: tuple[str, ...] = tuple(GenParams.model_fields)
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ErrorInfo(_Strict):
+    type: str
+    message: str
+
+
+class Item(_Strict):
+    """One input, as stored in the job store.  ``index`` is its 0-based position in the job and
+    ``line`` its 1-based line in the submitted file (0 when submitted through the API)."""
+
+    index: StrictInt
+    id: StrictStr
+    line: StrictInt = 0
+    prompt: StrictStr | None = None
+    messages: list[Message] | None = None
+    params: GenParams = GenParams()
+    invalid: ErrorInfo | None = None
+    """Set for lines accepted with ``--skip-invalid``: recorded as errored, never generated."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Item:
+        if self.invalid is None and (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' and 'messages' is required")
+        return self
+
+
+class Usage(_Strict):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ItemResult(_Strict):
+    """The outcome of one item.  ``status == 'error'`` carries ``error`` instead of ``text``."""
+
+    index: int
+    id: str
+    line: int = 0
+    status: ItemStatus
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage = Usage()
+    profile: str | None = None
+    mode: Mode | None = None
+    worker: str | None = None
+    attempts: int = 1
+    latency_ms: float | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def error_type(self) -> str | None:
+        return self.error.type if self.error else None
+
+    def public(self) -> dict[str, Any]:
+        """The native output row: what `genq collect` writes (no internal index)."""
+        row = self.model_dump(exclude={"index"}, exclude_none=True)
+        if self.status == "error":
+            row.pop("text", None)
+            row.pop("finish_reason", None)
+        return row
+
+
+def error_result(item: Item, error: ErrorInfo, **extra: Any) -> ItemResult:
+    return ItemResult(index=item.index, id=item.id, line=item.line, status="error", error=error, **extra)
+
+
+class JobSpec(_Strict):
+    """What a job is: fixed at submit time, stored once."""
+
+    job_id: str
+    profile: str
+    mode: QueueMode = "any"
+    chunk_size: Annotated[int, Field(gt=0)] = 16
+    total: int
+    defaults: GenParams = GenParams()
+    system_prompt: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    expires_at: float | None = None
+    input_digest: str = ""
+    source: str | None = None
+
+
+class Counts(BaseModel):
+    total: int = 0
+    succeeded: int = 0
+    errored: int = 0
+    cancelled: int = 0
+    expired: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.errored + self.cancelled + self.expired
+
+    @property
+    def pending(self) -> int:
+        return max(self.total - self.finished, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.model_dump(), "pending": self.pending}
+
+
+class ChunkRef(_Strict):
+    """The body of a task message: which items of which job.  Never carries prompts."""
+
+    job_id: str
+    chunk_id: str
+    indices: list[int]
+
+
+def task_id(job_id: str, chunk_id: str) -> str:
+    """Deterministic Celery task id: submitting the same job again cannot duplicate a chunk."""
+    return f"{job_id}:{chunk_id}"

@@ -1,0 +1,168 @@
+"""The one place that reads environment variables.
+
+Every setting is typed and documented where it is declared.  ``Settings.from_env()`` reads
+``GENQ_*`` (plus ``HF_TOKEN``); a bad value raises :class:`~worker.errors.ConfigError` naming the
+variable.  Nothing else in genq calls ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "GENQ_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_configs() -> Path:
+    """The checkout's configs/ (editable install, docker image), else the copy pip installs in
+    ``<prefix>/share/genq/configs``."""
+    import sys
+
+    here = PROJECT_ROOT / "configs"
+    installed = Path(sys.prefix) / "share" / "genq" / "configs"
+    return here if here.is_dir() or not installed.is_dir() else installed
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "genq"
+
+
+class Settings(BaseModel):
+    """Typed settings.  The environment variable for field ``x`` is ``GENQ_X``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker_url: SecretStr | None = None
+    """Redis URL (``redis://``, ``rediss://``, with an optional password) used for both the Celery
+    broker and the job store.  Unset: ``genq run`` works embedded, in one process."""
+
+    visibility_timeout: int = Field(3600, ge=1)
+    """Seconds before an unacknowledged chunk of a dead worker is delivered again.  Must be well
+    above the longest chunk: a chunk running longer than this may be delivered twice (results stay
+    exactly-once; the work is wasted).  kombu's sweep interval is derived from it."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Deliveries of one chunk before it is split to isolate an item that kills workers; an item
+    alone in its chunk past this many attempts is recorded as ``worker_lost``."""
+
+    result_ttl: int = Field(7 * 24 * 3600, ge=60)
+    """Seconds a finished job (inputs, results, counts) is kept in Redis."""
+
+    heartbeat_interval: float = Field(5.0, gt=0)
+    """Seconds between worker heartbeats; a worker is listed while its heartbeat is fresher than
+    three intervals."""
+
+    home: Path = Field(default_factory=_default_home)
+    """genq's own folder: the tiny model cache and, by default, the offload folder."""
+
+    offload_folder: Path | None = None
+    """Where ``device_map="auto"`` may put layers that fit neither on the GPU nor in RAM.
+    Default: ``<home>/offload``.  Git-ignored; can be large."""
+
+    configs_dir: Path = Field(default_factory=lambda: _default_configs())
+    """Where profiles are looked up by name (``--profile NAME`` → ``<configs_dir>/NAME.yaml``)."""
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: coloured console on a terminal, JSON lines otherwise."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Lowest level of log events written (workers and the producer CLI)."""
+
+    hf_token: SecretStr | None = None
+    """Hugging Face token (read from ``HF_TOKEN``) for gated or private repositories."""
+
+    profile: str | None = None
+    """The profile a worker serves (``GENQ_PROFILE``); ``genq-worker start --profile`` sets it."""
+
+    mode: Literal["auto", "nf4", "fp32"] = "auto"
+    """The mode a worker loads in (``GENQ_MODE``)."""
+
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per worker process.  Default: CPU cores ÷ processes."""
+
+    # --- test-only fault injection -----------------------------------------------------------
+    # These exist so the fault tests can exercise real worker processes.  They are read from the
+    # worker's own environment only: no job message, profile or producer can switch them on.
+    fault_poison_marker: str | None = None
+    """TEST ONLY: a worker process that is handed an item whose prompt contains this marker kills
+    itself with SIGKILL (a poison item)."""
+
+    fault_oom_above: int | None = Field(None, ge=1)
+    """TEST ONLY: micro-batches larger than this raise an injected out-of-memory error."""
+
+    fault_slow_ms: int = Field(0, ge=0)
+    """TEST ONLY: sleep this long after each micro-batch, to make a chunk last long enough to
+    kill or stop a worker in the middle of it."""
+
+    @property
+    def offload_dir(self) -> Path:
+        return self.offload_folder or self.home / "offload"
+
+    @property
+    def broker(self) -> str | None:
+        return self.broker_url.get_secret_value() if self.broker_url else None
+
+    @property
+    def broker_display(self) -> str | None:
+        """The broker URL with any password replaced, safe for logs and status output."""
+        return redact_url(self.broker) if self.broker else None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            var = "HF_TOKEN" if name == "hf_token" else ENV_PREFIX + name.upper()
+            raw = env.get(var)
+            if raw is not None and raw != "":
+                values[name] = raw.upper() if name == "log_level" else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            var = "HF_TOKEN" if field == "hf_token" else ENV_PREFIX + field.upper()
+            shown = "<hidden>" if field in ("broker_url", "hf_token") else repr(values.get(field))
+            raise ConfigError(f"{var}={shown}: {err['msg']}") from None
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host:6379/0`` → ``redis://user:***@host:6379/0``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, and the CLI after it sets variables from flags)."""
+    global _settings
+    _settings = None
