@@ -1,0 +1,277 @@
+"""genq-worker: detect the hardware, load the model once, consume the right queues, heartbeat.
+
+Commands:
+
+* ``genq-worker start --profile P [--mode auto|nf4|fp32] [--concurrency N]``
+* ``genq-worker check --profile P [--mode ...]`` — load, generate one sample, print one JSON line
+* ``genq-worker prefetch --profile P`` — download only what the profile needs; print sizes
+* ``genq-worker queues --profile P --mode M`` — the queue names, for ``celery -A worker.app worker -Q``
+* ``genq-worker facts`` — what this machine can do
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import click
+
+from worker.errors import GenqError
+from worker.settings import get_settings, reset_settings
+
+MODE_CHOICE = click.Choice(["auto", "nf4", "fp32"])
+
+
+def _fail(exc: GenqError) -> None:
+    click.echo(f"genq-worker: error: {exc.message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """genq worker: runs next to the model."""
+
+
+@cli.command()
+def facts() -> None:
+    """Print what this machine can do (GPUs, bitsandbytes, RAM) as JSON."""
+    from worker.capability import probe
+
+    click.echo(json.dumps(probe().describe()))
+
+
+@cli.command()
+@click.option("--profile", required=True, help="Profile name (configs/NAME.yaml) or path.")
+@click.option("--mode", type=MODE_CHOICE, default="auto", show_default=True)
+def queues(profile: str, mode: str) -> None:
+    """Print the queues a worker of this profile and mode consumes (comma-separated)."""
+    from worker.app import worker_queues
+    from worker.profiles import load_profile
+
+    try:
+        name = load_profile(profile).name
+    except GenqError as exc:
+        _fail(exc)
+    if mode == "auto":
+        raise click.UsageError("give --mode nf4 or fp32: queue names depend on the mode")
+    click.echo(",".join(worker_queues(name, mode)))  # type: ignore[arg-type]
+
+
+@cli.command()
+@click.option("--profile", required=True, help="Profile name (configs/NAME.yaml) or path.")
+@click.option("--mode", type=MODE_CHOICE, default="auto", show_default=True)
+@click.option("--prompt", default="What is the usual adult dose of paracetamol?", show_default=True)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+def check(profile: str, mode: str, prompt: str, max_new_tokens: int) -> None:
+    """Load the model, generate one short sample and print one JSON line."""
+    from worker.engine import Engine
+    from worker.loading import load_model
+    from worker.logs import configure
+    from worker.profiles import load_profile
+    from worker.schema import GenParams, Item, Message
+
+    configure()
+    try:
+        prof = load_profile(profile)
+        loaded = load_model(prof, mode)  # type: ignore[arg-type]
+        engine = Engine(loaded, worker=socket.gethostname())
+        t0 = time.perf_counter()
+        result = engine.generate(
+            [
+                Item(
+                    index=0,
+                    id="check",
+                    messages=[Message(role="user", content=prompt)],
+                    params=GenParams(max_new_tokens=max_new_tokens),
+                )
+            ]
+        )[0]
+    except GenqError as exc:
+        _fail(exc)
+    if not result.ok:
+        click.echo(f"genq-worker: error: sample failed: {result.error}", err=True)
+        sys.exit(1)
+    report: dict[str, Any] = {
+        **loaded.summary(),
+        "estimate": loaded.estimate.as_dict(),
+        "reason": loaded.decision.reason,
+        "sample": {
+            "text": result.text,
+            "completion_tokens": result.usage.completion_tokens,
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    }
+    click.echo(json.dumps(report))
+
+
+@cli.command()
+@click.option("--profile", required=True, help="Profile name (configs/NAME.yaml) or path.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be downloaded.")
+def prefetch(profile: str, dry_run: bool) -> None:
+    """Download only the files the profile needs; print download size, cache and runtime memory."""
+    from worker.prefetch import prefetch as run_prefetch
+
+    try:
+        report = run_prefetch(profile, dry_run=dry_run)
+    except GenqError as exc:
+        _fail(exc)
+    for line in report:
+        click.echo(json.dumps(line))
+
+
+@cli.command()
+@click.option("--profile", required=True, help="Profile name (configs/NAME.yaml) or path.")
+@click.option(
+    "--mode",
+    type=MODE_CHOICE,
+    default=None,
+    help="auto: nf4 on a CUDA GPU with bitsandbytes, else fp32 (nf4 on CPU if fp32 does not fit). "
+    "Default: GENQ_MODE, else auto.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes, each with its own copy of the model (1 = one process, solo pool).",
+)
+@click.option("--name", default=None, help="Worker name (default: host-pid).")
+@click.option(
+    "--loglevel",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default=None,
+    help="Default: GENQ_LOG_LEVEL, else INFO.",
+)
+def start(profile: str, mode: str | None, concurrency: int, name: str | None, loglevel: str | None) -> None:
+    """Detect, load the model once, consume this mode's queue and the profile's 'any' queue."""
+    os.environ["GENQ_PROFILE"] = profile
+    if loglevel:
+        os.environ["GENQ_LOG_LEVEL"] = loglevel.upper()
+    reset_settings()
+    try:
+        settings = get_settings()
+    except GenqError as exc:
+        _fail(exc)
+    mode = mode or settings.mode
+    loglevel = settings.log_level
+    if not settings.broker:
+        raise click.UsageError("GENQ_BROKER_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+
+    from worker.logs import configure, get_logger
+
+    configure()
+    node = name or f"{socket.gethostname()}-{os.getpid()}"
+    log = get_logger(worker=node)
+    try:
+        _check_credentials(settings.broker, settings.broker_display or "")
+        if concurrency == 1:
+            # one process: load here, before consuming; the solo pool runs tasks in this process
+            from worker.runtime import Runtime, set_runtime
+
+            runtime = Runtime(settings, name=node)
+            set_runtime(runtime)
+            runtime.load(profile, mode)
+            chosen: str | None = runtime.mode
+            pool = "solo"
+        else:
+            # several processes: decide the mode in a spawned process (this one forks the pool, so
+            # it must run no torch op: neither CUDA nor OpenMP survives a fork); children load
+            chosen = _decide_mode_isolated(profile, mode)
+            os.environ["GENQ_MODE"] = str(chosen)
+            cores = os.cpu_count() or 1
+            os.environ.setdefault("GENQ_THREADS", str(max(1, cores // concurrency)))
+            reset_settings()
+            from worker.runtime import Runtime, set_runtime
+
+            # no model here: the children inherit the name and each loads its own copy
+            set_runtime(Runtime(get_settings(), name=node))
+            pool = "prefork"
+    except GenqError as exc:
+        _fail(exc)
+
+    from worker.app import app, worker_queues
+    from worker.profiles import load_profile
+
+    prof_name = load_profile(profile).name
+    queue_list = worker_queues(prof_name, chosen)  # type: ignore[arg-type]
+    log.info(
+        "worker_starting",
+        profile=prof_name,
+        mode=chosen,
+        queues=queue_list,
+        pool=pool,
+        concurrency=concurrency,
+        broker=settings.broker_display,
+    )
+    if pool == "solo":
+        runtime.start_heartbeat()
+    argv = [
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        ",".join(queue_list),
+        "--hostname",
+        f"{node}@%h",
+        "--loglevel",
+        loglevel.upper(),
+        "--without-mingle",
+        "--without-gossip",
+        "--task-events",
+    ]
+    app.worker_main(argv)
+
+
+def _check_credentials(url: str, shown: str) -> None:
+    """Stop with a clear message when Redis refuses the credentials (Celery would retry them
+    forever).  Any other failure is left to the reconnecting clients: Redis may just be starting."""
+    import redis
+
+    from worker.errors import ConfigError
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        raise ConfigError(f"Redis at {shown} refused the credentials in GENQ_BROKER_URL: {exc}") from None
+    except (redis.RedisError, ValueError, OSError):
+        pass
+
+
+def _decide_mode_isolated(profile: str, mode: str) -> str:
+    """:func:`_decide_mode` in a fresh (spawned) process.  Probing runs torch ops (bitsandbytes'
+    CPU check), which start libgomp's thread pool; a pool forked after that hangs in its first
+    parallel op, so the prefork parent must never run one itself."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return str(pool.apply(_decide_mode, (profile, mode)))
+
+
+def _decide_mode(profile: str, mode: str) -> str:
+    from worker.capability import choose_mode, estimate, probe
+    from worker.loading import resolve_sources
+    from worker.profiles import load_profile
+
+    prof = load_profile(profile)
+    sources = resolve_sources(prof)
+    decision = choose_mode(
+        probe(),
+        estimate(sources.base, sources.adapter),
+        mode,  # type: ignore[arg-type]
+        headroom=prof.nf4.kv_cache_headroom,
+    )
+    return decision.mode
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The process-wide worker state: the model loaded once, the engine, the store, the heartbeat.
+
+``genq-worker start`` builds it before consuming; under plain ``celery -A worker.app worker`` it is
+built from ``GENQ_PROFILE``/``GENQ_MODE`` when the worker process starts (prefork children) or on
+the first task.  It never loads a model a job asks for: only the profile it was started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import ConfigError
+from worker.logs import get_logger
+from worker.schema import Mode
+from worker.settings import Settings, get_settings
+
+
+@dataclass
+class Stats:
+    items: int = 0
+    tokens: int = 0
+    chunks: int = 0
+    started_at: float = field(default_factory=time.time)
+    rate: float = 0.0
+    """Completion tokens per second while generating (exponentially weighted)."""
+    current: str | None = None
+
+    def add(self, items: int, tokens: int, seconds: float) -> None:
+        self.items += items
+        self.tokens += tokens
+        if seconds > 0 and tokens:
+            inst = tokens / seconds
+            self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * inst
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None, name: str | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.stop_event = threading.Event()
+        self.stats = Stats()
+        self.engine: Any = None
+        self.loaded: Any = None
+        self.profile: Any = None
+        self.mode: Mode | None = None
+        self._store: Any = None
+        self._heartbeat: threading.Thread | None = None
+        self.log = get_logger(worker=self.name)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from worker.store import RedisStore
+
+            self._store = RedisStore(settings=self.settings)
+        return self._store
+
+    def load(self, profile_name: str | None = None, mode: str | None = None) -> None:
+        """Load the profile's model once in this process (no-op when already loaded)."""
+        if self.engine is not None:
+            return
+        from worker.engine import Engine
+        from worker.loading import load_model
+        from worker.profiles import load_profile
+
+        name = profile_name or self.settings.profile
+        if not name:
+            raise ConfigError("no profile: pass --profile or set GENQ_PROFILE")
+        self.profile = load_profile(name, self.settings)
+        self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)  # type: ignore[arg-type]
+        self.mode = self.loaded.mode
+        self.engine = Engine(self.loaded, settings=self.settings, worker=self.name)
+        tune = getattr(self.engine, "autotune", None)
+        if self.profile.engine.max_batch_size == "auto" and callable(tune):
+            tune()
+
+    def serves(self, profile: str) -> bool:
+        return self.profile is not None and self.profile.name == profile
+
+    # --- heartbeat ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "profile": self.profile.name if self.profile else None,
+            "mode": self.mode,
+            "device": loaded.device if loaded else None,
+            "placement": loaded.placement if loaded else None,
+            "items": self.stats.items,
+            "tokens": self.stats.tokens,
+            "chunks": self.stats.chunks,
+            "tokens_per_second": round(self.stats.rate, 2),
+            "current": self.stats.current,
+            "started_at": self.stats.started_at,
+            "seen_at": time.time(),
+        }
+
+    def beat(self) -> None:
+        try:
+            self.store.heartbeat(self.name, self.info(), ttl=3 * self.settings.heartbeat_interval)
+        except Exception as exc:  # a missed heartbeat must never stop the work
+            self.log.warning("heartbeat_failed", error=str(exc)[:200])
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is not None or not self.settings.broker:
+            return
+
+        def loop() -> None:
+            while not self.stop_event.wait(self.settings.heartbeat_interval):
+                self.beat()
+
+        self.beat()
+        self._heartbeat = threading.Thread(target=loop, name="genq-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.remove_worker(self.name)
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+def set_runtime(runtime: Runtime) -> None:
+    global _runtime
+    _runtime = runtime
