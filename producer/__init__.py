@@ -1,0 +1,5 @@
+"""genq's producer side: everything a submitting machine needs (never imports torch)."""
+
+from producer.client import Client, Job
+
+__all__ = ["Client", "Job"]

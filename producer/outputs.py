@@ -1,0 +1,209 @@
+"""Writing results: JSONL in the native form or the OpenAI batch output form.
+
+* native: one :meth:`ItemResult.public` object per line.
+* openai: the shape of OpenAI Batch API output lines — ``{"id", "custom_id", "response",
+  "error"}``, where ``response.body`` is a ``chat.completion`` for chat items and a
+  ``text_completion`` for prompt items (``chat.completion`` when the item is unknown).  Ids
+  (``batch_req_…``, ``req_…``, ``chatcmpl-…``/``cmpl-…``) are derived from the item id, so the
+  same results always give the same ids.
+
+All JSON is UTF-8 with ``ensure_ascii=False``, one object per line.  :func:`write_results` writes
+the whole file atomically; :func:`append_row` writes one line at a time for the embedded runner,
+whose output :func:`read_done` reads back on resume (ignoring a last line cut short by a crash).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import IO, Any, Literal
+
+from worker.errors import InputError
+from worker.schema import Item, ItemResult
+
+__all__ = ["OutputFormat", "append_row", "read_done", "result_row", "trim_partial_line", "write_results"]
+
+OutputFormat = Literal["native", "openai"]
+
+
+def result_row(
+    result: ItemResult,
+    item: Item | None,
+    fmt: OutputFormat,
+    *,
+    model: str,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """One output line as a dict.  ``created`` (Unix seconds) defaults to now (openai only)."""
+    if fmt == "native":
+        return result.public()
+    if fmt == "openai":
+        return _openai_row(
+            result, item, model=model, created=int(time.time()) if created is None else created
+        )
+    raise ValueError(f"unknown output format {fmt!r} (expected 'native' or 'openai')")
+
+
+def write_results(
+    pairs: Iterable[tuple[ItemResult, Item | None]],
+    path: str | os.PathLike[str],
+    fmt: OutputFormat = "native",
+    *,
+    model: str,
+) -> int:
+    """Write all rows to ``path`` atomically (``path.tmp``, fsync, rename); return rows written.
+
+    An existing file is replaced only once the new one is complete; on error the temporary file
+    is removed and the old file is left as it was.
+    """
+    target = os.fspath(path)
+    tmp = target + ".tmp"
+    created = int(time.time())
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            for result, item in pairs:
+                fh.write(_dumps(result_row(result, item, fmt, model=model, created=created)))
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return count
+
+
+def append_row(fh: IO[str], row: dict[str, Any]) -> None:
+    """Append one JSON line in a single write and flush it (the file is a text, UTF-8 handle)."""
+    fh.write(_dumps(row))
+    fh.flush()
+
+
+def read_done(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Rows of an existing output file by item id (``custom_id`` for openai rows, else ``id``).
+
+    A missing file gives ``{}``.  A last line that is cut short or garbled (a crash mid-write) is
+    ignored; a bad line anywhere else raises :class:`InputError` naming it.  When an id appears
+    twice the first row wins, as in the job store.
+    """
+    source = os.fspath(path)
+    done: dict[str, dict[str, Any]] = {}
+    bad: InputError | None = None
+    try:
+        with open(source, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                if bad is not None:  # the bad line was not the last one
+                    raise bad
+                try:
+                    row_id, row = _parse_row(raw)
+                except ValueError as exc:
+                    bad = InputError(f"not a result row: {exc}", line=n, source=source)
+                    continue
+                done.setdefault(row_id, row)
+    except FileNotFoundError:
+        return {}
+    return done
+
+
+def trim_partial_line(path: str | os.PathLike[str]) -> int:
+    """Cut bytes after the last newline (a row cut short by a crash); return how many were cut.
+
+    Call before appending to a file that :func:`read_done` read, so that a new row does not get
+    glued onto the remains of an unfinished one.  A missing file is left alone (0).
+    """
+    try:
+        with open(path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                fh.seek(start)
+                newline = fh.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            if end < size:
+                fh.truncate(end)
+            return size - end
+    except FileNotFoundError:
+        return 0
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _dumps(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _parse_row(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """The id and the row of one output line; ``ValueError`` when it is not one."""
+    row = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    row_id = row.get("custom_id", row.get("id"))
+    if not isinstance(row_id, str):
+        raise ValueError("no string 'id' or 'custom_id'")
+    return row_id, row
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def _stable_hex(item_id: str, length: int = 24) -> str:
+    return hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:length]
+
+
+def _openai_row(result: ItemResult, item: Item | None, *, model: str, created: int) -> dict[str, Any]:
+    digest = _stable_hex(result.id)
+    row: dict[str, Any] = {"id": f"batch_req_{digest}", "custom_id": result.id}
+    if result.status == "error":
+        error = result.error
+        code = error.type if error else "error"
+        message = error.message if error else "the item failed"
+        row.update(response=None, error={"code": code, "message": message})
+        return row
+    body = _openai_body(result, item, digest, model=model, created=created)
+    row.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body}, error=None)
+    return row
+
+
+def _openai_body(
+    result: ItemResult, item: Item | None, digest: str, *, model: str, created: int
+) -> dict[str, Any]:
+    text = result.text or ""
+    finish_reason = result.finish_reason or "stop"
+    chat = item is None or item.messages is not None
+    choice: dict[str, Any]
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    usage = result.usage
+    return {
+        "id": f"chatcmpl-{digest}" if chat else f"cmpl-{digest}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        },
+    }
