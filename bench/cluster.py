@@ -1,0 +1,245 @@
+"""A local genq cluster for tests and benchmarks: a real redis-server on a free port, real
+``genq-worker start`` processes, and small helpers to feed and wait on them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free port; ``restart()`` keeps its append-only file."""
+
+    def __init__(self, folder: Path, *, password: str | None = None, appendonly: bool = True) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.password = password
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.folder / "redis.log"),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+    def client(self) -> redis.Redis:
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def env_for(redis_url: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if redis_url:
+        env["GENQ_BROKER_URL"] = redis_url
+    env.update(extra)
+    return env
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """A real ``genq-worker start`` process (its own Python, its own model load)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        log_path: Path,
+        *,
+        profile: str = "tiny-random",
+        mode: str = "fp32",
+        name: str | None = None,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.log_path = log_path
+        self.profile = profile
+        self.mode = mode
+        self.name = name or f"w-{mode}-{free_port()}"
+        self.concurrency = concurrency
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, wait: bool = True, timeout: float = 120.0) -> WorkerProcess:
+        import sys
+
+        env = env_for(self.redis_url, **self.extra_env)
+        env.setdefault("GENQ_HEARTBEAT_INTERVAL", "1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker.main",
+                "start",
+                "--profile",
+                self.profile,
+                "--mode",
+                self.mode,
+                "--name",
+                self.name,
+                "--concurrency",
+                str(self.concurrency),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.starts += 1
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until this worker's heartbeat is in Redis (the model is loaded and it consumes)."""
+        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        deadline = time.monotonic() + timeout
+        prefix = f"genq:worker:{self.name}"
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.log_tail()}")
+            try:
+                if any(True for _ in r.scan_iter(prefix + "*", count=100)):
+                    time.sleep(0.5)  # heartbeat precedes the consumer by a moment
+                    return
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {self.name} not ready after {timeout}s; log: {self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no chance to clean up or hand anything back."""
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60.0) -> int | None:
+        import signal
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.alive():
+            self.terminate(20)
+        else:
+            self.kill()
+
+
+def write_prompts(path: Path, n: int, *, max_new_tokens: int = 8, prefix: str = "p") -> Path:
+    """A native JSONL file of ``n`` short prompts with ids ``<prefix>0000``…"""
+    import json
+
+    words = ["fever", "cough", "the patient", "blood pressure", "dose of aspirin", "chest pain", "diabetes"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            prompt = f"{words[i % len(words)]} {i} " + " ".join(words[: (i % 5) + 1])
+            fh.write(
+                json.dumps({"id": f"{prefix}{i:04d}", "prompt": prompt, "max_new_tokens": max_new_tokens})
+                + "\n"
+            )
+    return path
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
+) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,91 @@
+"""What the queue and scaling benchmarks share: the model, its profile, the prompts, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.schema import GenParams, Item
+
+
+def bench_home() -> Path:
+    """Where benchmark models are built (kept between runs): ``GENQ_HOME`` or ``.genq/bench``."""
+    home = Path(os.environ.get("GENQ_HOME") or Path(__file__).resolve().parent.parent / ".genq" / "bench")
+    os.environ["GENQ_HOME"] = str(home)  # worker processes started by a benchmark use the same cache
+    return home
+
+
+def bench_profile_yaml(folder: Path, *, tiny: bool = False, home: Path | None = None) -> Path:
+    """Build (once) the ~200M benchmark model, or the tiny one, and write a profile for it."""
+    from worker.tiny import BENCH_200M, TINY, ensure_model
+
+    spec = TINY if tiny else BENCH_200M
+    print(f"[bench] building/reusing the {'tiny' if tiny else '~200M'} model ...", flush=True)
+    built = ensure_model(spec, home=home)
+    name = "bench-tiny" if tiny else "bench-200m"
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"# benchmark profile written by bench/fixtures.py\nname: {name}\nbase: {built.base}\n"
+        f"adapter: {built.adapter}\ngeneration:\n  max_new_tokens: 64\n  temperature: 0.0\n"
+        f"limits:\n  max_new_tokens: 1024\n  context_length: {spec.max_position_embeddings}\n"
+        "engine:\n  max_batch_size: 64\n  max_batch_tokens: 1048576\n"
+    )
+    return path
+
+
+def mixed_prompts(profile_path: Path, n: int, new_tokens: int, seed: int = 1234) -> list[Item]:
+    """``n`` prompts of 8 to 96 words of medical-ish text (fixed seed), ``new_tokens`` each."""
+    from worker.tiny import _WORDS
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 96))]
+        items.append(
+            Item(
+                index=i,
+                id=f"b{i:05d}",
+                line=i + 1,
+                prompt=" ".join(words),
+                params=GenParams(max_new_tokens=new_tokens),
+            )
+        )
+    return items
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def table(title: str, rows: list[tuple[str, ...]]) -> None:
+    width = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    print(f"\n{title}")
+    for r in rows:
+        print("  " + "  ".join(str(v).ljust(width[c]) for c, v in enumerate(r)))
+    print(flush=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The last line of a ``--json`` run: one JSON object."""
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,161 @@
+"""Queue overhead: the same items through the engine alone and through Redis + a worker process.
+
+    python -m bench.queue [--json] [--items 256] [--new-tokens 32] [--chunk-size 16]
+
+Both runs use the ~200M-parameter benchmark model (fp32, adapter merged), the same items, the same
+chunking and greedy decoding, one after the other on the same cores:
+
+* **engine**: ``Engine.generate`` chunk by chunk in this process — the compute alone;
+* **queue**: ``Client.submit`` → a real ``genq-worker start`` process over a real ``redis-server``
+  → ``Job.wait`` → collect the results in order (the path ``genq run`` takes with a broker).
+
+``overhead_fraction`` = (queue − engine) ÷ queue.  ``chunk_overhead_ms_median`` is, per chunk, the
+Celery task's run time minus the time inside the engine (store reads/writes, bookkeeping), read
+from the worker's own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cluster import RedisServer, WorkerProcess
+from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
+
+
+def run_engine_alone(profile_path: Path, items: list[Any], chunk_size: int) -> tuple[float, list[float], int]:
+    from worker.engine import Engine
+    from worker.loading import load_model
+    from worker.profiles import load_profile
+
+    engine = Engine(load_model(load_profile(profile_path), "fp32"), worker="bench")
+    engine.generate(items[: min(4, len(items))])  # warm-up, as the worker's first chunk would not count
+    per_chunk: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    for s in range(0, len(items), chunk_size):
+        t0 = time.perf_counter()
+        results = engine.generate(items[s : s + chunk_size])
+        per_chunk.append(time.perf_counter() - t0)
+        tokens += sum(r.usage.completion_tokens for r in results)
+    return time.perf_counter() - started, per_chunk, tokens
+
+
+_SUCCEEDED = re.compile(r"Task genq\.run_chunk\[(?P<id>[^\]]+)\] succeeded in (?P<s>[0-9.]+)s")
+
+
+def chunk_overheads(log_text: str, job_id: str) -> list[float]:
+    """Per chunk: Celery task seconds minus engine seconds, from the worker log."""
+    engine: dict[str, float] = {}
+    for line in log_text.splitlines():
+        if line.startswith("{") and '"chunk_done"' in line:
+            event = json.loads(line)
+            if event.get("job") == job_id:
+                engine[f"{job_id}:{event['chunk']}"] = float(event["gen_seconds"])
+    out = []
+    for m in _SUCCEEDED.finditer(log_text):
+        if m.group("id") in engine:
+            out.append(float(m.group("s")) - engine[m.group("id")])
+    return out
+
+
+def run_queue(profile_path: Path, items: list[Any], chunk_size: int, folder: Path) -> dict[str, Any]:
+    from producer import Client
+
+    server = RedisServer(folder / "redis")
+    server.start()
+    worker = WorkerProcess(
+        server.url, folder / "worker.log", profile=str(profile_path), mode="fp32", name="bench-q"
+    )
+    try:
+        worker.start(timeout=600)
+        client = Client(server.url)
+        # warm-up job, like the engine's warm-up
+        client.submit(
+            [{"id": "w", "prompt": "warm up", "max_new_tokens": 2}], profile=str(profile_path)
+        ).wait(timeout=300, poll=0.05)
+        records = [
+            {"id": it.id, "prompt": it.prompt, "max_new_tokens": it.params.max_new_tokens} for it in items
+        ]
+        started = time.perf_counter()
+        job = client.submit(records, profile=str(profile_path), chunk_size=chunk_size)
+        state = job.wait(timeout=3600, poll=0.02)
+        rows = [r.public() for r in job.results()]
+        seconds = time.perf_counter() - started
+        assert len(rows) == len(items) and state.counts.succeeded == len(items), state.as_dict()
+        overheads = chunk_overheads(worker.log_tail(50_000_000), job.id)
+        return {
+            "seconds": seconds,
+            "tokens": state.completion_tokens,
+            "status_tok_s": state.tokens_per_second,
+            "chunk_overheads": overheads,
+        }
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="genq queue overhead vs the engine alone")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny model (a quick smoke run, not a figure)"
+    )
+    args = parser.parse_args(argv)
+
+    home = bench_home()
+    with tempfile.TemporaryDirectory(prefix="genq-bench-queue-") as tmp:
+        folder = Path(tmp)
+        profile_path = bench_profile_yaml(folder, tiny=args.tiny, home=home)
+        items = mixed_prompts(profile_path, args.items, args.new_tokens)
+        print(f"[queue] engine alone: {len(items)} items x {args.new_tokens} tokens ...", flush=True)
+        eng_s, eng_chunks, eng_tokens = run_engine_alone(profile_path, items, args.chunk_size)
+        print(f"[queue] engine alone: {eng_s:.2f} s; now through Redis + a worker process ...", flush=True)
+        q = run_queue(profile_path, items, args.chunk_size, folder)
+    overheads = q["chunk_overheads"]
+    result = {
+        "benchmark": "queue",
+        **machine(),
+        "items": len(items),
+        "new_tokens": args.new_tokens,
+        "chunk_size": args.chunk_size,
+        "chunks": len(eng_chunks),
+        "engine_seconds": round(eng_s, 3),
+        "queue_seconds": round(q["seconds"], 3),
+        "engine_tok_s": round(eng_tokens / eng_s, 2),
+        "queue_tok_s": round(q["tokens"] / q["seconds"], 2),
+        "status_tok_s": round(q["status_tok_s"], 2),
+        "overhead_fraction": round((q["seconds"] - eng_s) / q["seconds"], 4),
+        "chunk_overhead_ms_median": round(statistics.median(overheads) * 1000, 2) if overheads else None,
+        "chunk_overhead_ms_max": round(max(overheads) * 1000, 2) if overheads else None,
+        "model": "tiny-random" if args.tiny else "bench-200m",
+    }
+    table(
+        "queue overhead",
+        [
+            ("engine alone", f"{result['engine_seconds']} s", f"{result['engine_tok_s']} tok/s"),
+            ("Redis + worker", f"{result['queue_seconds']} s", f"{result['queue_tok_s']} tok/s"),
+            (
+                "overhead",
+                f"{result['overhead_fraction'] * 100:.2f} %",
+                f"median {result['chunk_overhead_ms_median']} ms/chunk",
+            ),
+            ("genq status", "", f"{result['status_tok_s']} tok/s"),
+        ],
+    )
+    if args.json:
+        emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
