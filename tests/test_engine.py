@@ -156,3 +156,117 @@ def test_results_stream_per_micro_batch(loaded_fp32) -> None:  # type: ignore[no
     seen: list[int] = []
     engine.generate(items(max_new_tokens=3), on_results=lambda rs: seen.append(len(rs)))
     assert sum(seen) == len(PROMPTS) and max(seen) <= 2 and len(seen) >= 4
+
+
+# --- continuous batching, the plain loop, packed weights, the batch-size search ------------------
+
+
+def _varied(n: int = 11) -> list[Item]:
+    """More items than rows, with different lengths and budgets: rows finish at different steps
+    and freed rows are refilled from the queue."""
+    words = "the patient has a fever and a cough since monday , dose of aspirin".split()
+    return [
+        Item(
+            index=i,
+            id=f"v{i}",
+            prompt=" ".join(words[: 1 + (i * 5) % len(words)]),
+            params=GenParams(max_new_tokens=2 + (i * 7) % 13),
+        )
+        for i in range(n)
+    ]
+
+
+def test_refilled_rows_give_the_same_text_as_one_by_one(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(loaded_fp32, max_batch_size=3, ignore_eos=True)
+    assert engine.attention in ("sdpa", "eager")  # the slot-cache path is the one under test
+    batch = engine.generate(_varied())
+    alone = [engine.generate([it])[0] for it in _varied()]
+    assert [r.text for r in batch] == [r.text for r in alone]
+    assert [r.usage.completion_tokens for r in batch] == [it.params.max_new_tokens for it in _varied()]
+
+
+def test_seeded_sampling_survives_refills(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
+    sampled = [
+        it.model_copy(
+            update={"params": it.params.model_copy(update={"temperature": 0.9, "seed": 7 + it.index})}
+        )
+        for it in _varied()
+    ]
+    engine = Engine(loaded_fp32, max_batch_size=4, ignore_eos=True)
+    together = engine.generate(sampled)
+    alone = [engine.generate([it])[0] for it in sampled]
+    assert [r.text for r in together] == [r.text for r in alone]
+
+
+def test_plain_loop_matches_the_slot_cache(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
+    fast = Engine(loaded_fp32, max_batch_size=4, ignore_eos=True)
+    plain = Engine(loaded_fp32, max_batch_size=4, ignore_eos=True)
+    plain.attention = None  # what a sliding-window or flash-attention model gets
+    assert [r.text for r in plain.generate(_varied())] == [r.text for r in fast.generate(_varied())]
+
+
+def test_packed_linear_reproduces_nn_linear() -> None:
+    import torch
+
+    from worker.engine import PackedLinear, pack_linear_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = model(x)
+        packed = pack_linear_weights(model)
+        if not packed:
+            pytest.skip("this torch build has no oneDNN linear packing")
+        assert packed == 2 and all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
+        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)  # few rows: packed path
+        big = torch.randn(600, 64)  # many rows: the plain BLAS path
+        torch.testing.assert_close(model(big), torch.nn.functional.linear(
+            torch.relu(torch.nn.functional.linear(big, model[0].weight, model[0].bias)), model[2].weight
+        ), atol=1e-4, rtol=1e-4)  # fmt: skip
+        assert pack_linear_weights(model) == 2  # idempotent
+
+
+def test_batch_size_search_stops_when_bigger_stops_paying() -> None:
+    from worker.engine import pick_batch_size, search_batch_sizes
+
+    rates = {4: 100.0, 8: 180.0, 16: 300.0, 32: 305.0, 64: 290.0, 128: 400.0}
+    asked: list[int] = []
+
+    def measure(size: int) -> float:
+        asked.append(size)
+        return rates[size]
+
+    table = search_batch_sizes(list(rates), measure)
+    assert asked == [4, 8, 16, 32, 64]  # 32 and 64 did not beat 300 by 2%: 128 is never tried
+    assert pick_batch_size(table) == 16  # smallest within 95% of the best (305)
+    assert pick_batch_size({}) > 0
+
+
+def test_batch_size_search_stops_at_out_of_memory() -> None:
+    from worker.engine import search_batch_sizes
+    from worker.errors import OutOfMemory
+
+    def measure(size: int) -> float:
+        if size >= 16:
+            raise OutOfMemory("injected")
+        return float(size)
+
+    assert search_batch_sizes([4, 8, 16, 32], measure) == {4: 4.0, 8: 8.0}
+    with pytest.raises(ValueError):
+        search_batch_sizes([4], lambda size: (_ for _ in ()).throw(ValueError("not memory")))
+
+
+def test_autotune_measures_once_and_caches(loaded_fp32, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(home=tmp_path)
+    first = Engine(loaded_fp32, settings=settings)
+    chosen = first.autotune(candidates=(1, 2, 4), context=16, steps=2)
+    assert chosen in (1, 2, 4) and first.max_batch_size == chosen
+    assert first.autotuned is not None and first.autotuned["cached"] is False
+    assert set(first.autotuned["tokens_per_second"]) <= {"1", "2", "4"}
+    assert (tmp_path / "autotune.json").exists()
+    again = Engine(loaded_fp32, settings=settings)
+    assert again.autotune(candidates=(1, 2, 4), context=16, steps=2) == chosen
+    assert again.autotuned is not None and again.autotuned["cached"] is True
+    # the tuned size is what generate uses
+    assert again.batch_limit() == chosen and all(r.ok for r in again.generate(items(max_new_tokens=3)))

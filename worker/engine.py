@@ -706,22 +706,10 @@ class Engine:
         started = time.perf_counter()
         table: dict[int, float] = {}
         if self.attention:
-            for size in sizes:
-                try:
-                    table[size] = self._time_decode(size, context, steps)
-                except Exception as exc:
-                    if not _is_oom(exc):
-                        raise
-                    self._after_oom()
-                    break
-                best = max(table.values())
-                if len(table) >= 3 and table[size] < best * 1.02 and list(table.values())[-2] < best * 1.02:
-                    break  # two sizes in a row that did not pay
-        if table:
-            best = max(table.values())
-            choice = min(s for s, tps in table.items() if tps >= AUTOTUNE_TOLERANCE * best)
-        else:
-            choice = DEFAULT_BATCH_SIZE
+            table = search_batch_sizes(sizes, lambda size: self._time_decode(size, context, steps))
+            if len(table) < len(sizes):
+                self._after_oom()
+        choice = pick_batch_size(table)
         self.max_batch_size = choice
         self.autotuned = {
             "batch_size": choice,
@@ -811,6 +799,38 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# --- choosing the batch size -------------------------------------------------------------------
+
+
+def search_batch_sizes(sizes: Sequence[int], measure: Callable[[int], float]) -> dict[int, float]:
+    """Tokens per second per batch size, smallest first, as far as it pays: the search stops at
+    the first out-of-memory error, or after two sizes in a row that did not beat every smaller
+    size by more than 2%."""
+    table: dict[int, float] = {}
+    paid: list[bool] = []
+    for size in sorted(sizes):
+        best_before = max(table.values(), default=0.0)
+        try:
+            table[size] = measure(size)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            break
+        paid.append(table[size] > best_before * 1.02)
+        if len(paid) >= 3 and not paid[-1] and not paid[-2]:
+            break
+    return table
+
+
+def pick_batch_size(table: dict[int, float]) -> int:
+    """The smallest size within ``AUTOTUNE_TOLERANCE`` of the best throughput (smaller batches
+    finish sooner and hold less memory); ``DEFAULT_BATCH_SIZE`` with nothing measured."""
+    if not table:
+        return DEFAULT_BATCH_SIZE
+    best = max(table.values())
+    return min(s for s, tps in table.items() if tps >= AUTOTUNE_TOLERANCE * best)
 
 
 # --- model preparation ------------------------------------------------------------------------
@@ -955,6 +975,15 @@ def pack_linear_weights(model: Any, *, min_free_fraction: float = 0.5) -> int:
         log.warning("linear_packing_failed", error=str(exc)[:200])
         return 0
     return len(targets)
+
+
+def build_engine(loaded: Loaded, **kwargs: Any) -> Engine:
+    """The engine a worker runs: :class:`Engine` with the profile's batch size, measured by
+    :meth:`Engine.autotune` (once per machine, then cached) when the profile says ``auto``."""
+    engine = Engine(loaded, **kwargs)
+    if loaded.profile.engine.max_batch_size == "auto" and "max_batch_size" not in kwargs:
+        engine.autotune()
+    return engine
 
 
 def generate(loaded: Loaded, items: Sequence[Item], **kwargs: Any) -> list[ItemResult]:
