@@ -1,4 +1,4 @@
-"""What the queue and scaling benchmarks share: the model, its profile, the prompts, the report."""
+"""What the benchmarks share: the model, its profile, the prompts, the report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def bench_profile_yaml(folder: Path, *, tiny: bool = False, home: Path | None = 
         f"# benchmark profile written by bench/fixtures.py\nname: {name}\nbase: {built.base}\n"
         f"adapter: {built.adapter}\ngeneration:\n  max_new_tokens: 64\n  temperature: 0.0\n"
         f"limits:\n  max_new_tokens: 1024\n  context_length: {spec.max_position_embeddings}\n"
-        "engine:\n  max_batch_size: 64\n  max_batch_tokens: 1048576\n"
+        "engine:\n  max_batch_size: auto\n  max_batch_tokens: 1048576\n"
     )
     return path
 
@@ -78,7 +79,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(title: str, rows: list[tuple[str, ...]]) -> None:
+def table(title: str, rows: Sequence[Sequence[str]]) -> None:
     width = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
     print(f"\n{title}")
     for r in rows:

@@ -164,7 +164,7 @@ def run_embedded(
     max_attempts: int = 3,
 ) -> EmbeddedReport:
     """Generate every item not already in ``output``, appending results as they finish."""
-    from worker.engine import Engine
+    from worker.engine import build_engine
     from worker.loading import load_model
     from worker.profiles import load_profile
     from worker.tasks import process_chunk
@@ -203,10 +203,7 @@ def run_embedded(
         if resumed < len(items):
             loaded = load_model(profile, mode)
             loaded_mode = loaded.mode
-            engine = Engine(loaded, worker="embedded")
-            tune = getattr(engine, "autotune", None)
-            if profile.engine.max_batch_size == "auto" and callable(tune):
-                tune()
+            engine = build_engine(loaded, worker="embedded")
             queue: list[tuple[str, list[int]]] = [
                 (f"c{n:06d}", list(range(s, min(s + spec.chunk_size, len(items)))))
                 for n, s in enumerate(range(0, len(items), spec.chunk_size))

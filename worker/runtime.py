@@ -65,7 +65,7 @@ class Runtime:
         """Load the profile's model once in this process (no-op when already loaded)."""
         if self.engine is not None:
             return
-        from worker.engine import Engine
+        from worker.engine import build_engine
         from worker.loading import load_model
         from worker.profiles import load_profile
 
@@ -75,10 +75,7 @@ class Runtime:
         self.profile = load_profile(name, self.settings)
         self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)  # type: ignore[arg-type]
         self.mode = self.loaded.mode
-        self.engine = Engine(self.loaded, settings=self.settings, worker=self.name)
-        tune = getattr(self.engine, "autotune", None)
-        if self.profile.engine.max_batch_size == "auto" and callable(tune):
-            tune()
+        self.engine = build_engine(self.loaded, settings=self.settings, worker=self.name)
 
     def serves(self, profile: str) -> bool:
         return self.profile is not None and self.profile.name == profile
