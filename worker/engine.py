@@ -748,7 +748,7 @@ class Engine:
                 "sizes": list(sizes),
                 "context": context,
                 "steps": steps,
-                "v": 1,
+                "v": 2,  # bump when the search changes: cached choices are then measured again
             },
             sort_keys=True,
             default=str,
