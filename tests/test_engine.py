@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine import Engine
+from worker.engine import PACKED_MAX_ROWS, Engine
 from worker.schema import GenParams, Item, Message
 from worker.settings import Settings
 
@@ -220,11 +220,47 @@ def test_packed_linear_reproduces_nn_linear() -> None:
             pytest.skip("this torch build has no oneDNN linear packing")
         assert packed == 2 and all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
         torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)  # few rows: packed path
-        big = torch.randn(600, 64)  # many rows: the plain BLAS path
-        torch.testing.assert_close(model(big), torch.nn.functional.linear(
+        # the crossover was measured, and is at least the fallback; past it, the BLAS path
+        assert all(m.packed_max_rows >= PACKED_MAX_ROWS for m in (model[0], model[2]))
+        big = torch.randn(600, 64)
+        plain = torch.nn.functional.linear(
             torch.relu(torch.nn.functional.linear(big, model[0].weight, model[0].bias)), model[2].weight
-        ), atol=1e-4, rtol=1e-4)  # fmt: skip
+        )
+        for limit in (1 << 30, 599):  # 600 rows through the packed weight, then through BLAS
+            model[0].packed_max_rows = model[2].packed_max_rows = limit
+            torch.testing.assert_close(model(big), plain, atol=1e-4, rtol=1e-4)
         assert pack_linear_weights(model) == 2  # idempotent
+
+
+def test_packed_crossover_is_measured_per_size() -> None:
+    """The crossover is the largest probed size at which the packed weight won (never below the
+    decode-sized fallback), or no limit when it won at every probe.  A scripted clock decides who
+    wins; the products it times are real."""
+    import torch
+
+    from worker.engine import PackedLinear, pack_linear_weights, packed_crossover
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with torch.inference_mode():
+        if not pack_linear_weights(model):
+            pytest.skip("this torch build has no oneDNN linear packing")
+    layer = model[0]
+    assert isinstance(layer, PackedLinear)
+
+    def clock(packed_wins_up_to: int):  # type: ignore[no-untyped-def]
+        def timer(fn) -> float:  # type: ignore[no-untyped-def]
+            rows = fn().shape[0]  # runs the product; its row count says which probe this is
+            is_packed = "packed" in fn.__name__
+            return 1.0 if is_packed == (rows <= packed_wins_up_to) else 2.0
+
+        return timer
+
+    probes = (512, 1024, 2048)
+    assert packed_crossover(layer, probes, timer=clock(1024)) == 1024
+    assert packed_crossover(layer, probes, timer=clock(0)) == PACKED_MAX_ROWS
+    assert packed_crossover(layer, probes, timer=clock(10**9)) > 2048
+    assert packed_crossover(layer, probes) >= PACKED_MAX_ROWS  # the real clock
 
 
 def test_batch_size_search_stops_when_bigger_stops_paying() -> None:

@@ -17,9 +17,11 @@ rows that leave the batch as soon as they finish, their place taken by the next 
   express (sliding windows, attention kernels other than sdpa/eager) use the plain
   left-padded loop instead (:meth:`Engine._decode_simple`).
 * On the CPU in fp32, plain ``nn.Linear`` layers get a oneDNN-prepacked copy of their weight,
-  used for products of up to ``PACKED_MAX_ROWS`` rows (decode steps): 1.2–2× faster than the
-  default BLAS call at 8–128 rows on the machines measured (docs/BENCHMARKS.md).  Larger products
-  (prefill) keep the BLAS path, which is faster there.  Skipped when RAM is short.
+  used for products of up to ``packed_max_rows`` rows: 1.2–2× faster than the default BLAS call
+  for decode steps (8–128 rows) on the machines measured (docs/BENCHMARKS.md).  Whether it also
+  wins for prefill-sized products differs between CPUs (a Xeon: BLAS from ~512 rows; an EPYC:
+  oneDNN at every size), so the crossover is measured once when the weights are packed.
+  Skipped when RAM is short.
 * ``max_batch_size: auto`` is measured once per model, mode and machine by :meth:`Engine.autotune`
   (a few decode steps per candidate size, cached under ``GENQ_HOME``).
 * Greedy rows take the argmax.  Sampled rows draw from their own ``torch.Generator`` seeded by the
@@ -55,7 +57,7 @@ from worker.settings import Settings, get_settings
 
 ResultCallback = Callable[[list[ItemResult]], None]
 
-PREFILL_TOKENS = 2048
+PREFILL_TOKENS = 512
 """Padded prompt tokens per prefill forward pass: large enough for efficient matrix products,
 small enough to bound activation memory."""
 
@@ -63,7 +65,10 @@ REFILL_FACTOR = 4
 """A micro-batch holds up to this many × ``batch_limit()`` items, so freed rows can be refilled."""
 
 PACKED_MAX_ROWS = 256
-"""Products with at most this many rows use the prepacked weight (measured crossover: 256–512)."""
+"""Products with at most this many rows use the prepacked weight when the crossover is not
+measured (:func:`packed_crossover`); the crossover measured on a Xeon was 256–512."""
+PACKED_PROBE_ROWS = (512, 1024, 2048)
+"""Row counts at which :func:`packed_crossover` times the prepacked weight against BLAS."""
 
 AUTOTUNE_CANDIDATES = (4, 8, 16, 32, 64, 128, 256)
 AUTOTUNE_CONTEXT = 256
@@ -912,10 +917,12 @@ class PackedLinear(torch.nn.Linear):
     """
 
     packed_weight: torch.Tensor
+    packed_max_rows: int = PACKED_MAX_ROWS
+    """Products of up to this many rows use ``packed_weight`` (see :func:`packed_crossover`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            x.numel() <= PACKED_MAX_ROWS * self.in_features
+            x.numel() <= self.packed_max_rows * self.in_features
             and x.dtype == torch.float32
             and x.device.type == "cpu"
         ):
@@ -967,6 +974,11 @@ def pack_linear_weights(model: Any, *, min_free_fraction: float = 0.5) -> int:
             for module in targets:
                 module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
                 module.__class__ = PackedLinear
+            layers = [m for m in targets if isinstance(m, PackedLinear)]
+            crossover = packed_crossover(_typical(layers))
+            for layer in layers:
+                layer.packed_max_rows = crossover
+            log.info("linear_packed", layers=len(targets), packed_max_rows=crossover)
     except RuntimeError as exc:  # an op missing from this torch build
         for module in targets:
             if isinstance(module, PackedLinear):
@@ -975,6 +987,55 @@ def pack_linear_weights(model: Any, *, min_free_fraction: float = 0.5) -> int:
         log.warning("linear_packing_failed", error=str(exc)[:200])
         return 0
     return len(targets)
+
+
+def packed_crossover(
+    layer: PackedLinear,
+    probe_rows: Sequence[int] = PACKED_PROBE_ROWS,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+) -> int:
+    """The most rows for which ``layer``'s prepacked weight is still faster than BLAS: timed at
+    each of ``probe_rows`` (best of three, by ``timer``), stopping at the first size where BLAS
+    wins.  Never below ``PACKED_MAX_ROWS`` (decode-sized products, where packing always won);
+    a value past the largest probe (no limit in practice) if the packed weight wins at all."""
+    clock = timer or _best_time
+    chosen = PACKED_MAX_ROWS
+    with torch.inference_mode():
+        for rows in sorted(probe_rows):
+            x = torch.randn(rows, layer.in_features)
+
+            def blas(x: torch.Tensor = x) -> torch.Tensor:
+                return torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+            def packed(x: torch.Tensor = x) -> torch.Tensor:
+                return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
+
+            if clock(packed) >= clock(blas):
+                break
+            chosen = max(chosen, rows)
+        else:
+            chosen = 1 << 30
+    return chosen
+
+
+def _typical(layers: Sequence[PackedLinear]) -> PackedLinear:
+    """A layer of the shape that holds most of the weights (an MLP projection, in a transformer)."""
+    weight: dict[tuple[int, int], int] = {}
+    for m in layers:
+        shape = (m.in_features, m.out_features)
+        weight[shape] = weight.get(shape, 0) + m.weight.numel()
+    shape = max(weight, key=lambda k: weight[k])
+    return next(m for m in layers if (m.in_features, m.out_features) == shape)
+
+
+def _best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def build_engine(loaded: Loaded, **kwargs: Any) -> Engine:
