@@ -58,8 +58,10 @@ from worker.settings import Settings, get_settings
 ResultCallback = Callable[[list[ItemResult]], None]
 
 PREFILL_TOKENS = 512
-"""Padded prompt tokens per prefill forward pass: large enough for efficient matrix products,
-small enough to bound activation memory."""
+"""Padded prompt tokens per prefill forward pass.  Enough rows for full-speed matrix products, few
+enough that the activations (tokens × intermediate size) stay in cache: on the 2-core EPYC of
+docs/BENCHMARKS.md the benchmark's 4,215 prompt tokens prefill in 8.9 s at 256–512 tokens per
+pass, 9.1 s at 1,024 and 10.4 s at 2,048.  It also bounds activation memory."""
 
 REFILL_FACTOR = 4
 """A micro-batch holds up to this many × ``batch_limit()`` items, so freed rows can be refilled."""
