@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import redis
 
+from worker.schema import FINAL_STATUSES
+
 T = TypeVar("T")
 
 
@@ -129,6 +131,9 @@ class WorkerProcess:
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.spawned_at = 0.0
+        """``time.time()`` when the current process was started: its heartbeats and chunks are
+        newer, those of a process killed before it are older."""
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> WorkerProcess:
         import sys
@@ -136,6 +141,7 @@ class WorkerProcess:
         env = env_for(self.redis_url, **self.extra_env)
         env.setdefault("GENQ_HEARTBEAT_INTERVAL", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.spawned_at = time.time()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             [
@@ -164,7 +170,10 @@ class WorkerProcess:
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Until this worker's heartbeat is in Redis (the model is loaded and it consumes)."""
+        """Until this process's heartbeat is in Redis (the model is loaded and it consumes).  A
+        heartbeat left by a process of the same name that was killed a moment ago does not count."""
+        import json
+
         r = redis.Redis.from_url(self.redis_url, decode_responses=True)
         deadline = time.monotonic() + timeout
         prefix = f"genq:worker:{self.name}"
@@ -172,9 +181,11 @@ class WorkerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.log_tail()}")
             try:
-                if any(True for _ in r.scan_iter(prefix + "*", count=100)):
-                    time.sleep(0.5)  # heartbeat precedes the consumer by a moment
-                    return
+                for key in r.scan_iter(prefix + "*", count=100):
+                    raw = r.get(key)
+                    if raw and float(json.loads(raw).get("started_at") or 0) >= self.spawned_at:
+                        time.sleep(0.5)  # heartbeat precedes the consumer by a moment
+                        return
             except redis.ConnectionError:
                 pass
             time.sleep(0.2)
@@ -231,6 +242,106 @@ def write_prompts(path: Path, n: int, *, max_new_tokens: int = 8, prefix: str = 
                 + "\n"
             )
     return path
+
+
+def log_events(path: Path, event: str | None = None, **match: object) -> list[dict[str, object]]:
+    """The structlog JSON events in a worker log (Celery's own lines are skipped), optionally only
+    those named ``event`` whose fields equal ``match`` (e.g. ``job=...``)."""
+    import json
+
+    found: list[dict[str, object]] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        if event is not None and row.get("event") != event:
+            continue
+        if all(row.get(k) == v for k, v in match.items()):
+            found.append(row)
+    return found
+
+
+def in_flight(
+    r: redis.Redis, job_id: str, *, worker: str | None = None, since: float = 0.0
+) -> dict[str, int]:
+    """Chunks of ``job_id`` a worker is running (started at or after ``since``; by ``worker`` when
+    given), each with how many of its items have no result yet."""
+    import json
+
+    key = f"genq:job:{job_id}"
+    out: dict[str, int] = {}
+    for raw_chunk, value in r.hgetall(f"{key}:running").items():
+        chunk = str(raw_chunk)
+        name, _, started = str(value).rpartition("|")
+        if (worker is not None and name != worker) or float(started or 0) < since:
+            continue
+        raw = r.hget(f"{key}:chunks", chunk)
+        indices = json.loads(raw)["indices"] if raw else []
+        if indices:
+            done = r.hmget(f"{key}:results", [str(i) for i in indices])
+            out[chunk] = sum(1 for d in done if d is None)
+        else:
+            out[chunk] = 0
+    return out
+
+
+def kill_mid_chunk(worker: WorkerProcess, r: redis.Redis, job_id: str, timeout: float = 120.0) -> int | None:
+    """Wait until ``worker`` is generating a chunk of ``job_id`` that still has items without a
+    result, then SIGKILL it.  Returns how many items of its chunks were left without a result
+    (0 when the chunk finished between the look and the kill), or None, killing nothing, when the
+    job ended first."""
+
+    def busy_or_over() -> str:
+        if r.hget(f"genq:job:{job_id}", "status") in FINAL_STATUSES:
+            return "over"
+        running = in_flight(r, job_id, worker=worker.name, since=worker.spawned_at)
+        return "busy" if any(n > 0 for n in running.values()) else ""
+
+    if wait_for(busy_or_over, timeout=timeout, interval=0.01, what=f"{worker.name} mid-chunk") == "over":
+        return None
+    since = worker.spawned_at
+    worker.kill()
+    return sum(in_flight(r, job_id, worker=worker.name, since=since).values())
+
+
+def job_counts(r: redis.Redis, job_id: str) -> dict[str, int | str]:
+    """``status`` and the counts of a job, read straight from the store (no expiry check)."""
+    raw = r.hgetall(f"genq:job:{job_id}")
+    out: dict[str, int | str] = {"status": str(raw.get("status", ""))}
+    for name in ("total", "succeeded", "errored", "cancelled", "expired"):
+        out[name] = int(raw.get(name, 0))
+    return out
+
+
+def run_genq(
+    redis_url: str | None, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``genq ARGS`` in a subprocess against ``redis_url`` (none: embedded)."""
+    import sys
+
+    full = env_for(redis_url, **(env or {}))
+    if redis_url is None:
+        full.pop("GENQ_BROKER_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"genq {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return proc
 
 
 def wait_for(
