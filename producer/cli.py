@@ -65,9 +65,11 @@ def job_params(kw: dict[str, Any]) -> GenParams:
     try:
         return GenParams(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "?"
-        raise InputError(f"--{name.replace('_', '-')}: {err['msg']}", field=name) from None
+        from producer.inputs import translate
+
+        problem = translate(exc)
+        name = (problem.field or "?").split("[")[0]
+        raise InputError(f"--{name.replace('_', '-')}: {problem.detail}", field=name) from None
 
 
 def client() -> Any:

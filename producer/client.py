@@ -12,6 +12,7 @@ for result in job.results():
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 import time
@@ -194,6 +195,10 @@ class Client:
             raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
         if chunk_size < 1:
             raise InputError("chunk size must be at least 1", field="chunk_size")
+        if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
+            raise InputError(
+                f"--expires-in must be a positive number of seconds, got {expires_in}", field="expires_in"
+            )
         params = params or GenParams()
         check_params(params, prof)
         read = read_source(source, prof, skip_invalid=skip_invalid)
@@ -206,7 +211,7 @@ class Client:
             total=len(items),
             defaults=params,
             system_prompt=system_prompt,
-            expires_at=(time.time() + expires_in) if expires_in else None,
+            expires_at=(time.time() + expires_in) if expires_in is not None else None,
             input_digest=input_digest(items, prof.name, params, system_prompt),
             source=str(source) if isinstance(source, str | os.PathLike) else None,
         )

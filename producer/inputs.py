@@ -293,7 +293,7 @@ class _Collector:
                 params=fields.params,
             )
         except ValidationError as exc:  # pragma: no cover - everything was checked above
-            raise _translate(exc) from None
+            raise translate(exc) from None
 
     def _format_of(self, n: int, record: Mapping[Any, Any]) -> InputFormat:
         fmt = _sniff(record)
@@ -512,7 +512,7 @@ def _check_message(raw: object, field_name: str, *, allow_parts: bool) -> Messag
     try:
         message = Message.model_validate(data)
     except ValidationError as exc:
-        raise _translate(exc, prefix=f"{field_name}.") from None
+        raise translate(exc, prefix=f"{field_name}.") from None
     _check_text(message.content, f"{field_name}.content")
     return message
 
@@ -543,7 +543,7 @@ def _params(raw: dict[str, Any], limits: InputLimits, name_of: Callable[[str], s
     try:
         params = GenParams(**raw)
     except ValidationError as exc:
-        raise _translate(exc, rename=name_of) from None
+        raise translate(exc, rename=name_of) from None
     cap = limits.max_new_tokens
     if cap is not None and params.max_new_tokens is not None and params.max_new_tokens > cap:
         raise _Problem(
@@ -568,10 +568,11 @@ _TYPE_WORDS: Mapping[str, str] = {
 }
 
 
-def _translate(
+def translate(
     exc: ValidationError, *, prefix: str = "", rename: Callable[[str], str] = lambda k: k
 ) -> _Problem:
-    """Turn the first pydantic error into one :class:`_Problem` naming the field path."""
+    """Turn the first pydantic error into one :class:`_Problem` naming the field path, in the
+    plain words every input error uses (never pydantic's own "Input should be ..." wording)."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     loc = first["loc"]
