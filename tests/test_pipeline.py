@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, RedisServer, WorkerProcess, env_for, wait_for, write_prompts
+from bench.cluster import run_genq
+from tests.helpers import RedisServer, WorkerProcess, wait_for, write_prompts
 
 
 def genq(
     redis_url: str | None, *args: str, check: bool = True, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    env = env_for(redis_url, **extra)
-    if redis_url is None:
-        env.pop("GENQ_BROKER_URL", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"genq {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return proc
+    """``genq ARGS`` in a subprocess against ``redis_url`` (None: embedded), extra env vars."""
+    return run_genq(redis_url, *args, env=extra, check=check)
 
 
 def rows(path: Path) -> list[dict]:  # type: ignore[type-arg]

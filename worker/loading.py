@@ -252,7 +252,15 @@ def _count_4bit(model: Any) -> int:
 def load_tokenizer(sources: Sources, profile: Profile) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(sources.base), trust_remote_code=profile.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(sources.base), trust_remote_code=profile.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"loading the tokenizer of {sources.base_id} (profile {profile.source or profile.name}) "
+            f"failed: {exc}"
+        ) from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -286,7 +294,13 @@ def load_model(
         "use_safetensors": True if profile.use_safetensors else None,
         "low_cpu_mem_usage": True,
     }
-    config = AutoConfig.from_pretrained(str(sources.base), trust_remote_code=profile.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(sources.base), trust_remote_code=profile.trust_remote_code)
+    except (OSError, ValueError) as exc:  # e.g. custom code refused: trust_remote_code is off
+        raise ModelLoadError(
+            f"reading the config of {sources.base_id} (profile {profile.source or profile.name}) "
+            f"failed: {exc}"
+        ) from exc
     model: Any
     try:
         if decision.mode == "fp32":

@@ -16,7 +16,7 @@ import structlog
 
 from worker.settings import Settings, get_settings, redact_url
 
-_URL_WITH_PASSWORD = re.compile(r"\b(rediss?|amqps?|https?)://[^\s/@]*:[^\s/@]*@[^\s/]+")
+_URL_WITH_PASSWORD = re.compile(r"\b(rediss?|amqps?|https?)://\S*@\S+")
 _configured = False
 
 

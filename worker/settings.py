@@ -11,7 +11,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -136,19 +135,19 @@ class Settings(BaseModel):
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` → ``redis://user:***@host:6379/0``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None and "@" not in parts.netloc:
+    """``redis://user:secret@host:6379/0`` → ``redis://user:***@host:6379/0``.
+
+    Split by hand, not with ``urlsplit``: a password holding an unencoded ``#``, ``?`` or ``/``
+    would make ``urlsplit`` see no password at all (and a non-numeric port makes it raise), and a
+    URL that cannot be parsed is exactly the one that ends up in an error message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.partition(":")[0] if ":" in userinfo else userinfo
+    if any(c in user for c in "/?#"):
+        user = ""  # the split fell inside the password: show nothing of it
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://:***@{host}"
 
 
 _settings: Settings | None = None

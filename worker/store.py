@@ -231,8 +231,12 @@ def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
             retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
         )
-    except ValueError as exc:  # an unparseable URL; never echo the password
-        raise StoreUnavailable(f"bad Redis URL {redact_url(url)}: {exc}") from None
+    except ValueError:  # an unparseable URL; never echo the password
+        # redis-py's own message may quote part of the password: never append it
+        raise StoreUnavailable(
+            f"bad Redis URL {redact_url(url)}: cannot parse it; percent-encode any '#', '?', '/' or "
+            "'@' in the password (%23, %3F, %2F, %40)"
+        ) from None
 
 
 class RedisStore:
