@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import redis
 
+from bench.cluster import stop_process
 from tests.helpers import REPO, WorkerProcess, env_for, free_port, wait_for
 from tests.test_pipeline import genq, rows
 from worker.app import TASK_NAME, publish_chunks, queue_name
@@ -116,13 +117,7 @@ class SecureRedis:
         wait_for(lambda: _pings(client), timeout=10, interval=0.05, what="redis-server up")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 
@@ -491,6 +486,21 @@ def test_refused_credentials_give_one_clear_line(cluster: Cluster, scheme: str, 
         assert PASSWORD not in proc.stderr
 
 
+def run_refused_worker(cluster: Cluster, url: str, name: str) -> tuple[int, str]:
+    """Start a worker on ``url`` that is expected to stop by itself: its exit status and log."""
+    log = cluster.tmp / f"{name}.log"
+    worker = WorkerProcess(
+        url, log, name=name, env={"GENQ_HOME": str(cluster.genq_home), "HF_HOME": str(cluster.hf_home)}
+    )
+    worker.start(wait=False)
+    try:
+        assert worker.proc is not None
+        rc = worker.proc.wait(30)
+    finally:
+        worker.stop()
+    return rc, log.read_text()
+
+
 @pytest.mark.parametrize("scheme", ["redis", "rediss"])
 def test_worker_with_wrong_password_stops_with_a_clear_redacted_message(
     cluster: Cluster, scheme: str
@@ -499,20 +509,7 @@ def test_worker_with_wrong_password_stops_with_a_clear_redacted_message(
     and one line naming the redacted URL; the password is nowhere in its log."""
     bad = "wrong-pw"
     url = cluster.redis.url(bad) if scheme == "redis" else cluster.redis.tls_url(bad)
-    log = cluster.tmp / f"bad-worker-{scheme}.log"
-    worker = WorkerProcess(
-        url,
-        log,
-        name=f"bad-{scheme}",
-        env={"GENQ_HOME": str(cluster.genq_home), "HF_HOME": str(cluster.hf_home)},
-    )
-    worker.start(wait=False)
-    try:
-        assert worker.proc is not None
-        rc = worker.proc.wait(30)
-    finally:
-        worker.stop()
-    text = log.read_text()
+    rc, text = run_refused_worker(cluster, url, f"bad-{scheme}")
     assert rc == 2, text
     assert (
         f"genq-worker: error: Redis at {url.replace(bad, '***')} refused the credentials in GENQ_BROKER_URL"
@@ -590,26 +587,11 @@ def test_redact_url_never_raises() -> None:
     assert "s3cr3t" not in redact_url("redis://:s3cr3t@127.0.0.1:notaport/0")
 
 
-def test_worker_with_an_unparseable_url_stops_with_a_clear_redacted_message(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_worker_with_an_unparseable_url_stops_with_a_clear_redacted_message(cluster: Cluster) -> None:
     """A worker whose GENQ_BROKER_URL cannot be parsed (an unencoded '#' in the password) stops at
     once with exit status 2 and one line saying what to encode; no part of the password shows."""
     url = "redis://:pa#ss-w0rd@127.0.0.1:6379/0"
-    log = tmp_path / "unparseable.log"
-    worker = WorkerProcess(
-        url,
-        log,
-        name="unparseable",
-        env={"GENQ_HOME": str(cluster.genq_home), "HF_HOME": str(cluster.hf_home)},
-    )
-    worker.start(wait=False)
-    try:
-        assert worker.proc is not None
-        rc = worker.proc.wait(30)
-    finally:
-        worker.stop()
-    text = log.read_text()
+    rc, text = run_refused_worker(cluster, url, "unparseable")
     assert rc == 2, text
     assert "genq-worker: error: GENQ_BROKER_URL=redis://:***@" in text and "percent-encode" in text
     assert "ss-w0rd" not in text and "'pa'" not in text and "Traceback" not in text
