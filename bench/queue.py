@@ -14,6 +14,10 @@ against the time the worker itself spent in the engine (its ``chunk_done`` event
 the queue's own cost from a worker that generates slower (another load on the cores, say).
 ``chunk_overhead_ms_median`` is, per chunk, the Celery task's run time minus the time inside the
 engine (store reads/writes, bookkeeping), read from the worker's own log.
+
+The producer reads the job's status every ``--poll`` seconds (0.25 by default; ``genq run`` uses
+1 s) on the same cores as the worker, so the end of the job is seen at most that late; polling much
+faster costs the worker compute (docs/BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def chunk_overheads(log_text: str, job_id: str) -> list[float]:
     return out
 
 
-def run_queue(profile_path: Path, items: list[Any], chunk_size: int, folder: Path) -> dict[str, Any]:
+def run_queue(
+    profile_path: Path, items: list[Any], chunk_size: int, folder: Path, poll: float = 0.25
+) -> dict[str, Any]:
     from producer import Client
 
     server = RedisServer(folder / "redis")
@@ -98,7 +104,7 @@ def run_queue(profile_path: Path, items: list[Any], chunk_size: int, folder: Pat
         ]
         started = time.perf_counter()
         job = client.submit(records, profile=str(profile_path), chunk_size=chunk_size)
-        state = job.wait(timeout=3600, poll=0.02)
+        state = job.wait(timeout=3600, poll=poll)
         rows = [r.public() for r in job.results()]
         seconds = time.perf_counter() - started
         assert len(rows) == len(items) and state.counts.succeeded == len(items), state.as_dict()
@@ -122,6 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.25,
+        help="seconds between the producer's status reads (it shares the cores with the worker)",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="the tiny model (a quick smoke run, not a figure)"
     )
     args = parser.parse_args(argv)
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[queue] engine alone: {len(items)} items x {args.new_tokens} tokens ...", flush=True)
         eng_s, eng_chunks, eng_tokens = run_engine_alone(profile_path, items, args.chunk_size)
         print(f"[queue] engine alone: {eng_s:.2f} s; now through Redis + a worker process ...", flush=True)
-        q = run_queue(profile_path, items, args.chunk_size, folder)
+        q = run_queue(profile_path, items, args.chunk_size, folder, poll=args.poll)
     overheads = q["chunk_overheads"]
     result = {
         "benchmark": "queue",
@@ -142,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "items": len(items),
         "new_tokens": args.new_tokens,
         "chunk_size": args.chunk_size,
+        "poll_seconds": args.poll,
         "chunks": len(eng_chunks),
         "engine_seconds": round(eng_s, 3),
         "queue_seconds": round(q["seconds"], 3),
