@@ -81,7 +81,7 @@ def run_naive(loaded: Any, items: list[Any], new_tokens: int) -> tuple[float, in
     total, started = 0, time.perf_counter()
     with torch.inference_mode():
         for n, item in enumerate(items, 1):
-            ids = tok(item.prompt, return_tensors="pt")
+            ids = tok(item.prompt, return_tensors="pt").to(model.device)
             out = model.generate(
                 **ids,
                 max_new_tokens=new_tokens,

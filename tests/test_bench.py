@@ -3,10 +3,14 @@ figures rest on compute what they say."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
-from bench import engine, queue, scaling
+from bench import engine, gpu, queue, scaling
 
 
 def test_queue_benchmark_smoke() -> None:
@@ -32,6 +36,57 @@ def test_engine_benchmark_smoke() -> None:
     assert result["speedup"] == pytest.approx(result["engine_tok_s"] / result["naive_tok_s"], rel=0.01)
     assert result["roofline_fraction"] > 0 and result["matmul_peak_gflops"] > 0
     assert result["generate_batch"] == "skipped"
+
+
+def test_gpu_benchmark_smoke() -> None:
+    """bench.gpu on the tiny model in nf4 (bitsandbytes' CPU backend here): the same steps a GPU
+    run takes, so the script a lent GPU runs is known to work before the device time is spent."""
+    result = gpu.main(["--tiny", "--batches", "1,4", "--new-tokens", "5", "--naive-items", "2"])
+    assert result["mode"] == "nf4" and result["quantized_linear_layers"] == 14
+    assert set(result["engine"]) == {"1", "4"}
+    assert [r["tokens"] for r in result["engine"].values()] == [5, 20]  # EOS ignored
+    assert result["naive_tok_s"] > 0 and result["weights_bytes"] > 0
+    assert result["speedup_at_largest_batch"] == result["engine"]["4"]["x_naive"]
+    if not torch.cuda.is_available():
+        assert result["engine"]["4"]["peak_gpu_bytes"] is None
+
+
+def test_seven_b_shape_matches_qwen25_7b() -> None:
+    """The GPU benchmark's model has Qwen2.5-7B-Instruct's shapes: 7.6B parameters."""
+    from worker.tiny import QWEN25_7B_SHAPE as s
+
+    head = s.hidden_size // s.num_attention_heads
+    layer = (
+        s.hidden_size * (s.num_attention_heads + 2 * s.num_key_value_heads) * head  # q, k, v
+        + (s.num_attention_heads + 2 * s.num_key_value_heads) * head  # their biases
+        + s.num_attention_heads * head * s.hidden_size  # o
+        + 3 * s.hidden_size * s.intermediate_size  # gate, up, down
+        + 2 * s.hidden_size  # norms
+    )
+    total = s.num_hidden_layers * layer + 2 * s.vocab_size * s.hidden_size + s.hidden_size
+    assert total == 7_615_616_512  # Qwen2.5-7B-Instruct's parameter count
+    assert s.dtype == "bfloat16" and not s.tie_word_embeddings
+
+
+def test_bf16_model_is_built_in_bf16_and_loads_in_nf4(tmp_path: Path) -> None:
+    """What bench.gpu does to the 7B shape, on the tiny one: weights saved in bf16 (half the disk
+    and RAM), a model vocabulary larger than its tokenizer's, loaded through the NF4 path."""
+    from safetensors import safe_open
+
+    from worker.loading import load_model
+    from worker.profiles import load_profile
+    from worker.tiny import TINY, ensure_model
+
+    spec = replace(TINY, dtype="bfloat16", vocab_size=40_000)
+    built = ensure_model(spec, home=tmp_path)
+    with safe_open(str(next(built.base.glob("*.safetensors"))), "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("up_proj.weight"))  # noqa: SIM118 - not a dict
+        assert f.get_tensor(name).dtype == torch.bfloat16
+        assert f.get_tensor("model.embed_tokens.weight").shape[0] == 40_000
+    assert len(json.loads((built.base / "tokenizer.json").read_text())["model"]["vocab"]) <= 32_000
+    (tmp_path / "p.yaml").write_text(f"base: {built.base}\nadapter: {built.adapter}\n")
+    loaded = load_model(load_profile(tmp_path / "p.yaml"), "nf4")
+    assert loaded.quantized_linear_layers == 14 and loaded.adapter == "unmerged"
 
 
 def test_non_embedding_parameters_skip_embeddings_and_tied_head() -> None:

@@ -55,9 +55,14 @@ class ModelSpec:
     initializer_range: float = 0.2
     lora_rank: int = 8
     seed: int = 0
+    dtype: str = "float32"
+    """Weights as saved (``bfloat16`` halves the disk and RAM a 7B-shaped model needs)."""
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["dtype"] == "float32":  # models built before the field existed keep their key
+            del fields["dtype"]
+        blob = json.dumps({"v": BUILDER_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -77,6 +82,22 @@ BENCH_200M = ModelSpec(
     lora_rank=16,
 )
 """The benchmark model: ~210M parameters (176M outside the embedding), Qwen2-shaped."""
+
+QWEN25_7B_SHAPE = ModelSpec(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+    lora_rank=16,
+    dtype="bfloat16",
+)
+"""Qwen2.5-7B-Instruct's shapes (7.6B parameters) with random weights, for GPU throughput: the
+weights do not matter for speed, only the shapes.  About 15 GB on disk in bf16."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +128,16 @@ def build_tokenizer(spec: ModelSpec, out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # a tokenizer of more than 32k tokens buys nothing for random weights and takes minutes to
+    # train: the model's embedding still has spec.vocab_size rows (see build_model)
+    tok_vocab = min(spec.vocab_size, 32_000)
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
+        vocab_size=tok_vocab,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    n_words = max(20_000, spec.vocab_size * 40)
+    n_words = max(20_000, tok_vocab * 40)
     tok.train_from_iterator(_corpus(spec.seed, n_words), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -130,7 +154,13 @@ def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
     """Random Qwen2 weights (safetensors) in ``base_dir``, a non-zero LoRA in ``adapter_dir``."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     vocab = max(spec.vocab_size, len(tokenizer))
@@ -149,7 +179,10 @@ def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config).float().eval()
+    if spec.dtype == "float32":
+        model = Qwen2ForCausalLM(config).float().eval()
+    else:  # initialise in the saved dtype: a 7B-shaped model never exists in fp32
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype)).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
