@@ -234,16 +234,14 @@ def _check_credentials(url: str, shown: str) -> None:
     import redis
 
     from worker.errors import ConfigError
+    from worker.settings import URL_ENCODING_HINT
 
     try:
         redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
     except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
         raise ConfigError(f"Redis at {shown} refused the credentials in GENQ_BROKER_URL: {exc}") from None
     except ValueError:  # redis-py's message may quote part of the password: never show it
-        raise ConfigError(
-            f"GENQ_BROKER_URL={shown} cannot be parsed; percent-encode any '#', '?', '/' or '@' in "
-            "the password (%23, %3F, %2F, %40)"
-        ) from None
+        raise ConfigError(f"GENQ_BROKER_URL={shown} cannot be parsed; {URL_ENCODING_HINT}") from None
     except (redis.RedisError, OSError):
         pass
 

@@ -144,10 +144,16 @@ def redact_url(url: str) -> str:
     if not sep or "@" not in rest:
         return url
     userinfo, _, host = rest.rpartition("@")
-    user = userinfo.partition(":")[0] if ":" in userinfo else userinfo
+    # a lone ``redis://secret@host`` is usually a password written without its colon: hide it
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
     if any(c in user for c in "/?#"):
         user = ""  # the split fell inside the password: show nothing of it
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://:***@{host}"
+    return f"{scheme}://{user}:***@{host}"
+
+
+URL_ENCODING_HINT = "percent-encode any '#', '?', '/' or '@' in the password (%23, %3F, %2F, %40)"
+"""What to do about a broker URL that cannot be parsed (said instead of the parser's own message,
+which may quote part of the password)."""
 
 
 _settings: Settings | None = None

@@ -41,7 +41,7 @@ from redis.retry import Retry
 
 from worker.errors import JobConflict, JobNotFound, StoreUnavailable
 from worker.schema import FINAL_STATUSES, Counts, ErrorInfo, Item, ItemResult, JobSpec, error_result
-from worker.settings import Settings, get_settings, redact_url
+from worker.settings import URL_ENCODING_HINT, Settings, get_settings, redact_url
 
 PREFIX = "genq:"
 COUNT_FIELDS = ("succeeded", "errored", "cancelled", "expired")
@@ -231,12 +231,9 @@ def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
             retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
         )
-    except ValueError:  # an unparseable URL; never echo the password
-        # redis-py's own message may quote part of the password: never append it
-        raise StoreUnavailable(
-            f"bad Redis URL {redact_url(url)}: cannot parse it; percent-encode any '#', '?', '/' or "
-            "'@' in the password (%23, %3F, %2F, %40)"
-        ) from None
+    except ValueError:  # redis-py's message may quote part of the password: never append it
+        shown = redact_url(url)
+        raise StoreUnavailable(f"bad Redis URL {shown}: cannot parse it; {URL_ENCODING_HINT}") from None
 
 
 class RedisStore:
