@@ -94,21 +94,24 @@ class Job:
         timeout: float | None = None,
         on_update: Callable[[JobState], None] | None = None,
     ) -> JobState:
-        """Block until the job is completed, cancelled or expired (or ``timeout`` passes)."""
+        """Block until the job is completed, cancelled or expired (or ``timeout`` passes).  The
+        status is read every ``poll`` seconds (for ``on_update`` and the progress display); the
+        job's end is seen at once, whatever ``poll`` is."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if progress:
-            from producer.progress import watch
+        with self.client.store.events(self.id) as events:  # the end wakes us at once
+            if progress:
+                from producer.progress import watch
 
-            return watch(self.status, poll=poll, timeout=timeout)
-        while True:
-            state = self.status()
-            if on_update:
-                on_update(state)
-            if state.final:
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.id} is still {state.status} after {timeout} s")
-            time.sleep(poll)
+                return watch(self.status, poll=poll, timeout=timeout, pause=events.pause)
+            while True:
+                state = self.status()
+                if on_update:
+                    on_update(state)
+                if state.final:
+                    return state
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} is still {state.status} after {timeout} s")
+                events.pause(poll)
 
     def results(self) -> Iterator[ItemResult]:
         """Finished results in input order, each item once (pending items are left out)."""

@@ -44,11 +44,18 @@ def workers_table(state: JobState) -> Any:
     return table
 
 
-def watch(get_state: Callable[[], JobState], *, poll: float = 1.0, timeout: float | None = None) -> JobState:
-    """Follow a job until it is final; returns the last state."""
+def watch(
+    get_state: Callable[[], JobState],
+    *,
+    poll: float = 1.0,
+    timeout: float | None = None,
+    pause: Callable[[float], object] = time.sleep,
+) -> JobState:
+    """Follow a job until it is final; returns the last state.  ``pause(poll)`` waits between
+    reads (:meth:`worker.store.JobEvents.pause` returns early when the job ends)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     if not sys.stderr.isatty():
-        return _watch_lines(get_state, poll=poll, deadline=deadline)
+        return _watch_lines(get_state, poll=poll, deadline=deadline, pause=pause)
     from rich.console import Console, Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -78,11 +85,17 @@ def watch(get_state: Callable[[], JobState], *, poll: float = 1.0, timeout: floa
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {state.spec.job_id} is still {state.status} after {timeout} s")
-            time.sleep(poll)
+            pause(poll)
             state = get_state()
 
 
-def _watch_lines(get_state: Callable[[], JobState], *, poll: float, deadline: float | None) -> JobState:
+def _watch_lines(
+    get_state: Callable[[], JobState],
+    *,
+    poll: float,
+    deadline: float | None,
+    pause: Callable[[float], object],
+) -> JobState:
     last = 0.0
     while True:
         state = get_state()
@@ -94,4 +107,4 @@ def _watch_lines(get_state: Callable[[], JobState], *, poll: float, deadline: fl
             return state
         if deadline is not None and now > deadline:
             raise TimeoutError(f"job {state.spec.job_id} is still {state.status}")
-        time.sleep(poll)
+        pause(poll)

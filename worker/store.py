@@ -13,15 +13,19 @@ Keys (all under ``genq:``):
 ``jobs``                       sorted set: job id by creation time (the job index)
 ``worker:<name>``              string: heartbeat JSON, with a TTL
 ``workers``                    sorted set: worker name by last heartbeat
+``job:<id>:events``            pub/sub channel (not a key): the final status, once, when it is set
 =============================  ============================================================
 
 Results and counts move together in one Lua script, so counts are exact even when a chunk is
 delivered twice or Redis restarts between a write and its reply.  When every item is accounted
-for, the same script sets the final status and the retention TTL on all of the job's keys.
+for, the same script sets the final status and the retention TTL on all of the job's keys, and
+publishes the status on the job's events channel, so that producers waiting for the job
+(:class:`JobEvents`) learn at once instead of at their next poll.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -89,6 +93,7 @@ if done >= total then
   if cancelled > 0 then final = 'cancelled' elseif expired > 0 then final = 'expired' end
   redis.call('HSET', job, 'status', final, 'finished_at', now)
   for k = 4, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+  redis.call('PUBLISH', job .. ':events', final)
 end
 return written
 """
@@ -236,6 +241,57 @@ def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
         raise StoreUnavailable(f"bad Redis URL {shown}: cannot parse it; {URL_ENCODING_HINT}") from None
 
 
+class JobEvents:
+    """Waiting for a job to end without polling it fast.  :meth:`pause` sleeps up to ``seconds``
+    but returns as soon as the job's final status is published; subscribe (enter the context)
+    before the first status read, so that an end between the read and the pause is not missed.
+    A lost connection (a Redis restart) only turns a pause back into a plain sleep."""
+
+    def __init__(self, r: redis.Redis, channel: str) -> None:
+        self.r = r
+        self.channel = channel
+        self.pubsub: Any = None
+
+    def __enter__(self) -> JobEvents:
+        self._subscribe()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._drop()
+
+    def _subscribe(self) -> None:
+        try:
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.channel)
+            self.pubsub = pubsub
+        except (redis.RedisError, OSError):
+            self.pubsub = None
+
+    def _drop(self) -> None:
+        if self.pubsub is not None:
+            with contextlib.suppress(Exception):
+                self.pubsub.close()
+        self.pubsub = None
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the job's end was published meanwhile."""
+        deadline = time.monotonic() + seconds
+        if self.pubsub is None:
+            self._subscribe()
+        while (left := deadline - time.monotonic()) > 0:
+            if self.pubsub is None:
+                time.sleep(left)
+                return False
+            try:
+                message = self.pubsub.get_message(timeout=left)
+            except (redis.RedisError, OSError):
+                self._drop()  # resubscribed at the next pause
+                continue
+            if message is not None and message.get("type") == "message":
+                return True
+        return False
+
+
 class RedisStore:
     """The job store.  Every method is safe to call again after a failure (idempotent)."""
 
@@ -367,6 +423,10 @@ class RedisStore:
             updated_at=opt("updated_at"),
             workers=per_worker,
         )
+
+    def events(self, job_id: str) -> JobEvents:
+        """Wake-ups for the end of ``job_id``: ``with store.events(job) as ev: ... ev.pause(1.0)``."""
+        return JobEvents(self.r, self.key(job_id, "events"))
 
     def status(self, job_id: str) -> str:
         return str(self._call(self.r.hget, self.key(job_id), "status") or "")
