@@ -6,8 +6,9 @@ Both runs use the ~200M-parameter benchmark model (fp32, adapter merged), the sa
 chunking and greedy decoding, one after the other on the same cores:
 
 * **engine**: ``Engine.generate`` chunk by chunk in this process — the compute alone;
-* **queue**: ``Client.submit`` → a real ``genq-worker start`` process over a real ``redis-server``
-  → ``Job.wait`` → collect the results in order (the path ``genq run`` takes with a broker).
+* **queue**: ``genq run FILE -o OUT`` in a subprocess with ``GENQ_BROKER_URL`` set: it submits,
+  a real ``genq-worker start`` process takes the chunks over a real ``redis-server``, and it
+  writes every result to OUT in input order — what a user runs.
 
 ``overhead_fraction`` = (queue − engine) ÷ queue.  ``outside_engine_fraction`` is the same but
 against the time the worker itself spent in the engine (its ``chunk_done`` events): it separates
@@ -15,9 +16,10 @@ the queue's own cost from a worker that generates slower (another load on the co
 ``chunk_overhead_ms_median`` is, per chunk, the Celery task's run time minus the time inside the
 engine (store reads/writes, bookkeeping), read from the worker's own log.
 
-The producer reads the job's status every ``--poll`` seconds (0.25 by default; ``genq run`` uses
-1 s) on the same cores as the worker, so the end of the job is seen at most that late; polling much
-faster costs the worker compute (docs/BENCHMARKS.md has the figures).
+``genq run`` reads the job's status once a second (its progress line) on the same cores as the
+worker, and learns of the job's end at once: the store publishes it.  ``status_tok_s`` and
+``progress_tok_s`` are what ``genq status`` and that progress line say, to compare with
+``queue_tok_s``, the benchmark's own clock.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import RedisServer, WorkerProcess
+from bench.cluster import RedisServer, WorkerProcess, run_genq
 from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
 
 
@@ -82,9 +84,8 @@ def chunk_overheads(log_text: str, job_id: str) -> list[float]:
     return out
 
 
-def run_queue(
-    profile_path: Path, items: list[Any], chunk_size: int, folder: Path, poll: float = 0.25
-) -> dict[str, Any]:
+def run_queue(profile_path: Path, items: list[Any], chunk_size: int, folder: Path) -> dict[str, Any]:
+    """``genq run`` (a subprocess, as a user runs it) against a real Redis and a real worker."""
     from producer import Client
 
     server = RedisServer(folder / "redis")
@@ -98,23 +99,32 @@ def run_queue(
         # warm-up job, like the engine's warm-up
         client.submit(
             [{"id": "w", "prompt": "warm up", "max_new_tokens": 2}], profile=str(profile_path)
-        ).wait(timeout=300, poll=0.05)
-        records = [
-            {"id": it.id, "prompt": it.prompt, "max_new_tokens": it.params.max_new_tokens} for it in items
-        ]
+        ).wait(timeout=300)
+        prompts, out = folder / "queue-in.jsonl", folder / "queue-out.jsonl"
+        prompts.write_text(
+            "".join(
+                json.dumps({"id": it.id, "prompt": it.prompt, "max_new_tokens": it.params.max_new_tokens})
+                + "\n"
+                for it in items
+            )
+        )
+        args = ["run", str(prompts), "-o", str(out), "--profile", str(profile_path)]
         started = time.perf_counter()
-        job = client.submit(records, profile=str(profile_path), chunk_size=chunk_size)
-        state = job.wait(timeout=3600, poll=poll)
-        rows = [r.public() for r in job.results()]
+        proc = run_genq(server.url, *args, "--chunk-size", str(chunk_size), "--job-id", "bench-queue")
         seconds = time.perf_counter() - started
-        assert len(rows) == len(items) and state.counts.succeeded == len(items), state.as_dict()
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in rows] == [it.id for it in items], "genq run lost or reordered items"
+        assert all(r["status"] == "ok" for r in rows), rows[:3]
+        state = client.job("bench-queue").status()
+        rates = re.findall(r"([0-9.]+) tok/s", proc.stderr)  # genq run's progress lines
         log_text = worker.log_tail(50_000_000)
         return {
             "seconds": seconds,
-            "worker_engine_seconds": engine_seconds_in_worker(log_text, job.id),
+            "worker_engine_seconds": engine_seconds_in_worker(log_text, "bench-queue"),
             "tokens": state.completion_tokens,
             "status_tok_s": state.tokens_per_second,
-            "chunk_overheads": chunk_overheads(log_text, job.id),
+            "progress_tok_s": float(rates[-1]) if rates else None,
+            "chunk_overheads": chunk_overheads(log_text, "bench-queue"),
         }
     finally:
         worker.stop()
@@ -128,12 +138,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument(
-        "--poll",
-        type=float,
-        default=0.25,
-        help="seconds between the producer's status reads (it shares the cores with the worker)",
-    )
-    parser.add_argument(
         "--tiny", action="store_true", help="the tiny model (a quick smoke run, not a figure)"
     )
     args = parser.parse_args(argv)
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[queue] engine alone: {len(items)} items x {args.new_tokens} tokens ...", flush=True)
         eng_s, eng_chunks, eng_tokens = run_engine_alone(profile_path, items, args.chunk_size)
         print(f"[queue] engine alone: {eng_s:.2f} s; now through Redis + a worker process ...", flush=True)
-        q = run_queue(profile_path, items, args.chunk_size, folder, poll=args.poll)
+        q = run_queue(profile_path, items, args.chunk_size, folder)
     overheads = q["chunk_overheads"]
     result = {
         "benchmark": "queue",
@@ -154,13 +158,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "items": len(items),
         "new_tokens": args.new_tokens,
         "chunk_size": args.chunk_size,
-        "poll_seconds": args.poll,
         "chunks": len(eng_chunks),
         "engine_seconds": round(eng_s, 3),
         "queue_seconds": round(q["seconds"], 3),
         "engine_tok_s": round(eng_tokens / eng_s, 2),
         "queue_tok_s": round(q["tokens"] / q["seconds"], 2),
         "status_tok_s": round(q["status_tok_s"], 2),
+        "progress_tok_s": q["progress_tok_s"],
         "overhead_fraction": round((q["seconds"] - eng_s) / q["seconds"], 4),
         "worker_engine_seconds": round(q["worker_engine_seconds"], 3),
         "outside_engine_fraction": round((q["seconds"] - q["worker_engine_seconds"]) / q["seconds"], 4),
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("in the worker's engine", f"{result['worker_engine_seconds']} s", ""),
             ("outside the engine", f"{result['outside_engine_fraction'] * 100:.2f} %", ""),
             ("genq status", "", f"{result['status_tok_s']} tok/s"),
+            ("genq run's progress line", "", f"{result['progress_tok_s']} tok/s"),
         ],
     )
     if args.json:

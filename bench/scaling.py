@@ -20,12 +20,7 @@ from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_
 
 
 def run_job(
-    profile_path: Path,
-    records: list[dict[str, Any]],
-    chunk_size: int,
-    workers: int,
-    folder: Path,
-    poll: float = 0.25,
+    profile_path: Path, records: list[dict[str, Any]], chunk_size: int, workers: int, folder: Path
 ) -> dict[str, Any]:
     from producer import Client
 
@@ -51,10 +46,10 @@ def run_job(
         for n in range(workers):  # warm every worker up (first-call costs are not throughput)
             client.submit(
                 [{"id": f"w{n}", "prompt": "warm up", "max_new_tokens": 2}], profile=str(profile_path)
-            ).wait(timeout=300, poll=0.05)
+            ).wait(timeout=300)
         started = time.perf_counter()
         job = client.submit(records, profile=str(profile_path), chunk_size=chunk_size)
-        state = job.wait(timeout=3600, poll=poll)
+        state = job.wait(timeout=3600)  # polls each second; the job's end wakes it at once
         seconds = time.perf_counter() - started
         assert state.counts.succeeded == len(records), state.as_dict()
         per_worker = {name: stats.get("items", 0) for name, stats in state.workers.items()}
@@ -72,12 +67,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=4)
     parser.add_argument(
-        "--poll",
-        type=float,
-        default=0.25,
-        help="seconds between the producer's status reads (it shares the cores with the workers)",
-    )
-    parser.add_argument(
         "--tiny", action="store_true", help="the tiny model (a quick smoke run, not a figure)"
     )
     args = parser.parse_args(argv)
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = {}
         for workers in (1, 2):
             print(f"[scaling] {workers} worker process(es), 1 thread each ...", flush=True)
-            runs[workers] = run_job(profile_path, records, args.chunk_size, workers, folder, args.poll)
+            runs[workers] = run_job(profile_path, records, args.chunk_size, workers, folder)
             print(
                 f"[scaling] {workers}: {runs[workers]['seconds']:.2f} s, "
                 f"items per worker {runs[workers]['per_worker']}",
@@ -105,7 +94,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "items": len(records),
         "new_tokens": args.new_tokens,
         "chunk_size": args.chunk_size,
-        "poll_seconds": args.poll,
         "one_worker_seconds": round(runs[1]["seconds"], 3),
         "two_workers_seconds": round(runs[2]["seconds"], 3),
         "one_worker_tok_s": round(tok1, 2),

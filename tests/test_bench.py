@@ -17,7 +17,7 @@ def test_queue_benchmark_smoke() -> None:
     result = queue.main(["--tiny", "--items", "24", "--new-tokens", "4", "--chunk-size", "8"])
     assert result["chunks"] == 3 and result["queue_seconds"] > 0 and result["engine_seconds"] > 0
     assert result["chunk_overhead_ms_median"] is not None and result["chunk_overhead_ms_median"] >= 0
-    assert result["status_tok_s"] > 0
+    assert result["status_tok_s"] > 0 and (result["progress_tok_s"] or 0) > 0
 
 
 def test_scaling_benchmark_smoke() -> None:
