@@ -1,10 +1,14 @@
 """Scaling: one job through one worker process vs two, each with one thread.
 
-    python -m bench.scaling [--json] [--items 64] [--new-tokens 32] [--chunk-size 4]
+    python -m bench.scaling [--json] [--items 128] [--new-tokens 32] [--chunk-size 16]
 
 Same items, same model (the ~200M benchmark model, fp32), a real ``redis-server`` and real
 ``genq-worker start`` processes with ``GENQ_THREADS=1``.  Workers pull chunks, so the faster one
 simply takes more.  ``scaling`` = two-worker throughput ÷ one-worker throughput.
+
+The chunk size is ``genq submit``'s default (16).  Much smaller chunks mean small decode batches,
+whose every step streams all the weights from memory: two workers then share the memory bandwidth
+and scale worse (docs/BENCHMARKS.md has both).
 """
 
 from __future__ import annotations
@@ -63,9 +67,9 @@ def run_job(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="genq: two worker processes vs one")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--items", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=16, help="genq submit's default")
     parser.add_argument(
         "--tiny", action="store_true", help="the tiny model (a quick smoke run, not a figure)"
     )
