@@ -249,17 +249,13 @@ def write_prompts(path: Path, n: int, *, max_new_tokens: int = 8, prefix: str = 
     return path
 
 
-def log_events(path: Path, event: str | None = None, **match: object) -> list[dict[str, object]]:
-    """The structlog JSON events in a worker log (Celery's own lines are skipped), optionally only
-    those named ``event`` whose fields equal ``match`` (e.g. ``job=...``)."""
+def parse_events(text: str, event: str | None = None, **match: object) -> list[dict[str, object]]:
+    """The structlog JSON events in worker log text (Celery's own lines are skipped), optionally
+    only those named ``event`` whose fields equal ``match`` (e.g. ``job=...``)."""
     import json
 
     found: list[dict[str, object]] = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return found
-    for line in lines:
+    for line in text.splitlines():
         if not line.startswith("{"):
             continue
         try:
@@ -273,6 +269,15 @@ def log_events(path: Path, event: str | None = None, **match: object) -> list[di
         if all(row.get(k) == v for k, v in match.items()):
             found.append(row)
     return found
+
+
+def log_events(path: Path, event: str | None = None, **match: object) -> list[dict[str, object]]:
+    """:func:`parse_events` of the log file at ``path`` (none while it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return parse_events(text, event, **match)
 
 
 def in_flight(
@@ -306,7 +311,7 @@ def kill_mid_chunk(worker: WorkerProcess, r: redis.Redis, job_id: str, timeout: 
     job ended first."""
 
     def busy_or_over() -> str:
-        if r.hget(f"genq:job:{job_id}", "status") in FINAL_STATUSES:
+        if final_status(r, job_id):
             return "over"
         running = in_flight(r, job_id, worker=worker.name, since=worker.spawned_at)
         return "busy" if any(n > 0 for n in running.values()) else ""
@@ -325,6 +330,12 @@ def job_counts(r: redis.Redis, job_id: str) -> dict[str, int | str]:
     for name in ("total", "succeeded", "errored", "cancelled", "expired"):
         out[name] = int(raw.get(name, 0))
     return out
+
+
+def final_status(r: redis.Redis, job_id: str) -> str:
+    """The job's status once it is final (completed, cancelled, expired), else ""."""
+    status = str(job_counts(r, job_id)["status"])
+    return status if status in FINAL_STATUSES else ""
 
 
 def run_genq(

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import RedisServer, WorkerProcess, run_genq
+from bench.cluster import RedisServer, WorkerProcess, parse_events, run_genq
 from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
 
 
@@ -60,28 +60,20 @@ _SUCCEEDED = re.compile(r"Task genq\.run_chunk\[(?P<id>[^\]]+)\] succeeded in (?
 
 def engine_seconds_in_worker(log_text: str, job_id: str) -> float:
     """Seconds the worker spent inside the engine for ``job_id`` (its ``chunk_done`` events)."""
-    total = 0.0
-    for line in log_text.splitlines():
-        if line.startswith("{") and '"chunk_done"' in line:
-            event = json.loads(line)
-            if event.get("job") == job_id:
-                total += float(event["gen_seconds"])
-    return total
+    return sum(float(str(e["gen_seconds"])) for e in parse_events(log_text, "chunk_done", job=job_id))
 
 
 def chunk_overheads(log_text: str, job_id: str) -> list[float]:
     """Per chunk: Celery task seconds minus engine seconds, from the worker log."""
-    engine: dict[str, float] = {}
-    for line in log_text.splitlines():
-        if line.startswith("{") and '"chunk_done"' in line:
-            event = json.loads(line)
-            if event.get("job") == job_id:
-                engine[f"{job_id}:{event['chunk']}"] = float(event["gen_seconds"])
-    out = []
-    for m in _SUCCEEDED.finditer(log_text):
-        if m.group("id") in engine:
-            out.append(float(m.group("s")) - engine[m.group("id")])
-    return out
+    engine = {
+        f"{job_id}:{e['chunk']}": float(str(e["gen_seconds"]))
+        for e in parse_events(log_text, "chunk_done", job=job_id)
+    }
+    return [
+        float(m.group("s")) - engine[m.group("id")]
+        for m in _SUCCEEDED.finditer(log_text)
+        if m.group("id") in engine
+    ]
 
 
 def run_queue(profile_path: Path, items: list[Any], chunk_size: int, folder: Path) -> dict[str, Any]:

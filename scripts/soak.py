@@ -25,26 +25,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis
-
 from bench.cluster import (
     RedisServer,
     WorkerProcess,
+    final_status,
     job_counts,
     kill_mid_chunk,
     run_genq,
     wait_for,
     write_prompts,
 )
-from worker.schema import FINAL_STATUSES
 
 PROFILE = "tiny-random"
-
-
-def final_status(r: redis.Redis, job: str) -> str:
-    """The job's status once it is final, else ""."""
-    status = str(job_counts(r, job)["status"])
-    return status if status in FINAL_STATUSES else ""
 
 
 def soak(

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.cluster import in_flight, job_counts, kill_mid_chunk, log_events
+from bench.cluster import final_status, in_flight, job_counts, kill_mid_chunk, log_events
 from tests.helpers import REPO, RedisServer, WorkerProcess, env_for, wait_for, write_prompts
 from tests.test_pipeline import genq, rows
 
@@ -104,11 +104,7 @@ def attempts(r: redis.Redis, job_id: str) -> dict[str, int]:
 
 
 def wait_final(r: redis.Redis, job_id: str, timeout: float = 120.0) -> str:
-    def final() -> str:
-        status = str(job_counts(r, job_id)["status"])
-        return status if status in ("completed", "cancelled", "expired") else ""
-
-    return wait_for(final, timeout=timeout, what=f"job {job_id} final")
+    return wait_for(lambda: final_status(r, job_id), timeout=timeout, what=f"job {job_id} final")
 
 
 def collect(url: str, job_id: str, out: Path, *args: str) -> tuple[list[dict[str, Any]], str]:

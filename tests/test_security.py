@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.cluster import stop_process
+from bench.cluster import parse_events, stop_process
 from tests.helpers import REPO, WorkerProcess, env_for, free_port, wait_for
 from tests.test_pipeline import genq, rows
 from worker.app import TASK_NAME, publish_chunks, queue_name
@@ -153,19 +153,6 @@ class Cluster:
 def tree(folder: Path) -> list[str]:
     """Every path under ``folder`` (relative), or nothing when it does not exist."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
-
-
-def events(log: str, event: str) -> list[dict[str, Any]]:
-    found = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("event") == event:
-                found.append(row)
-    return found
 
 
 def redis_values(r: redis.Redis, key: str) -> list[Any]:
@@ -353,7 +340,7 @@ def test_job_naming_another_profile_loads_and_downloads_nothing(cluster: Cluster
 
     r = cluster.r()
     log_before = cluster.log()
-    loads_before = {e: len(events(log_before, e)) for e in LOAD_EVENTS}
+    loads_before = {e: len(parse_events(log_before, e)) for e in LOAD_EVENTS}
     hf_before, home_before = tree(cluster.hf_home), tree(cluster.genq_home)
 
     client = Client(cluster.redis.url())
@@ -389,11 +376,11 @@ def test_job_naming_another_profile_loads_and_downloads_nothing(cluster: Cluster
         assert res.text is None and res.usage.completion_tokens == 0
 
     log = cluster.log()
-    refusals = [e for e in events(log, "wrong_profile") if e.get("job") == spec.job_id]
+    refusals = [e for e in parse_events(log, "wrong_profile") if e.get("job") == spec.job_id]
     assert len(refusals) == 3 and {e["job_profile"] for e in refusals} == {other}
     assert {e["worker_profile"] for e in refusals} == {PROFILE}
     # nothing loaded, nothing downloaded, nothing written
-    assert {e: len(events(log, e)) for e in LOAD_EVENTS} == loads_before
+    assert {e: len(parse_events(log, e)) for e in LOAD_EVENTS} == loads_before
     new_text = log[len(log_before) :]
     for needle in ("ModelLoadError", "Traceback", "huggingface", "Downloading"):
         assert needle not in new_text
@@ -446,7 +433,7 @@ def test_password_works_over_redis_and_rediss_and_is_never_shown(cluster: Cluste
         assert PASSWORD not in stdout + stderr, f"password shown by genq {' '.join(args)}"
     log = cluster.log()
     assert PASSWORD not in log
-    (starting,) = events(log, "worker_starting")
+    (starting,) = parse_events(log, "worker_starting")
     assert starting["broker"] == cluster.redis.tls_url().replace(PASSWORD, "***")
     assert f"rediss://:**@127.0.0.1:{cluster.redis.tls_port}/0" in log  # Celery's own banner
     for key in r.scan_iter("*"):
@@ -517,7 +504,7 @@ def test_worker_with_wrong_password_stops_with_a_clear_redacted_message(
     )
     assert bad not in text and PASSWORD not in text
     assert "Traceback" not in text
-    assert not events(text, "model_loaded")
+    assert not parse_events(text, "model_loaded")
     assert not cluster.r().exists(f"genq:worker:bad-{scheme}")
 
 
@@ -595,7 +582,7 @@ def test_worker_with_an_unparseable_url_stops_with_a_clear_redacted_message(clus
     assert rc == 2, text
     assert "genq-worker: error: GENQ_BROKER_URL=redis://:***@" in text and "percent-encode" in text
     assert "ss-w0rd" not in text and "'pa'" not in text and "Traceback" not in text
-    assert not events(text, "model_loaded")
+    assert not parse_events(text, "model_loaded")
 
 
 # --- 3. trust_remote_code off, safetensors only, unless a profile says otherwise --------------------
