@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import redis
 
-from worker.schema import FINAL_STATUSES
+from worker.core.states import FINAL_STATUSES
 
 T = TypeVar("T")
 

@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
     args = ap.parse_args(argv)
 
+    from worker.core.profiles import load_profile
     from worker.engine import build_engine
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.model.loading import load_model
 
     home = bench_home()
     with tempfile.TemporaryDirectory() as tmp:

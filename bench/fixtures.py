@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.schema import GenParams, Item
+from worker.core.schema import GenParams, Item
 
 
 def bench_home() -> Path:
@@ -23,7 +23,7 @@ def bench_home() -> Path:
 
 def bench_profile_yaml(folder: Path, *, tiny: bool = False, home: Path | None = None) -> Path:
     """Build (once) the ~200M benchmark model, or the tiny one, and write a profile for it."""
-    from worker.tiny import BENCH_200M, TINY, ensure_model
+    from worker.model.tiny import BENCH_200M, TINY, ensure_model
 
     spec = TINY if tiny else BENCH_200M
     print(f"[bench] building/reusing the {'tiny' if tiny else '~200M'} model ...", flush=True)
@@ -41,7 +41,7 @@ def bench_profile_yaml(folder: Path, *, tiny: bool = False, home: Path | None = 
 
 def mixed_prompts(profile_path: Path, n: int, new_tokens: int, seed: int = 1234) -> list[Item]:
     """``n`` prompts of 8 to 96 words of medical-ish text (fixed seed), ``new_tokens`` each."""
-    from worker.tiny import _WORDS
+    from worker.model.tiny import _WORDS
 
     rng = random.Random(seed)
     items = []

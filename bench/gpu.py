@@ -3,7 +3,7 @@
     python -m bench.gpu [--json] [--batches 1,8,32,64] [--new-tokens 64] [--naive-items 4] [--tiny]
 
 The model has Qwen2.5-7B-Instruct's shapes with random weights (7.6B parameters, bf16 on disk, about
-15 GB, built locally on first use by ``worker/tiny.py``; the weights do not matter for speed) plus
+15 GB, built locally on first use by ``worker/model/tiny.py``; the weights do not matter for speed) plus
 a rank-16 LoRA adapter, loaded exactly as a GPU worker loads the real one: ``load_model(profile,
 "nf4")`` — bitsandbytes NF4 with double quantisation, ``device_map="auto"``, adapter unmerged.
 
@@ -32,7 +32,7 @@ from bench.fixtures import bench_home, emit, machine, mixed_prompts, table
 
 def gpu_profile_yaml(folder: Path, *, tiny: bool, home: Path) -> Path:
     """Build (once) the 7B-shaped model, or the tiny one, and write an NF4 profile for it."""
-    from worker.tiny import QWEN25_7B_SHAPE, TINY, ensure_model
+    from worker.model.tiny import QWEN25_7B_SHAPE, TINY, ensure_model
 
     spec = TINY if tiny else QWEN25_7B_SHAPE
     print(f"[gpu] building/reusing the {'tiny' if tiny else '7B-shaped'} model ...", flush=True)
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
 
+    from worker.core.profiles import load_profile
     from worker.engine import Engine
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.model.loading import load_model
 
     home = bench_home()
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,9 +38,9 @@ from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_
 
 
 def run_engine_alone(profile_path: Path, items: list[Any], chunk_size: int) -> tuple[float, list[float], int]:
+    from worker.core.profiles import load_profile
     from worker.engine import build_engine
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.model.loading import load_model
 
     engine = build_engine(load_model(load_profile(profile_path), "fp32"), worker="bench")
     engine.generate(items[: min(4, len(items))])  # warm-up, as the worker's first chunk would not count

@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from worker.errors import GenqError
-from worker.schema import GenParams
-from worker.settings import get_settings
+from worker.core.errors import GenqError
+from worker.core.schema import GenParams
+from worker.core.settings import get_settings
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +57,7 @@ def param_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def job_params(kw: dict[str, Any]) -> GenParams:
     from pydantic import ValidationError
 
-    from worker.errors import InputError
+    from worker.core.errors import InputError
 
     values = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
     stop = kw.pop("stop")
@@ -158,7 +158,7 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
 
 
 def write_collected(job: Any, output: Path, fmt: str, include_unfinished: bool) -> tuple[int, int]:
-    from producer.outputs import write_results
+    from worker.core.outputs import write_results
 
     pending = 0
     spec = job.client.store.spec(job.id)
@@ -295,11 +295,11 @@ def _run_embedded(
     system_prompt: str | None,
 ) -> None:
     from producer.client import check_params, input_digest, read_source
+    from worker.core.errors import InputError
+    from worker.core.logs import configure
+    from worker.core.profiles import load_profile
+    from worker.core.schema import JobSpec
     from worker.embedded import run_embedded
-    from worker.errors import InputError
-    from worker.logs import configure
-    from worker.profiles import load_profile
-    from worker.schema import JobSpec
 
     if mode not in ("auto", "nf4", "fp32"):
         raise InputError(f"unknown mode {mode!r} for an embedded run: choose auto, nf4 or fp32", field="mode")

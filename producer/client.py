@@ -23,10 +23,11 @@ from typing import Any
 from pydantic import SecretStr
 
 from producer.inputs import InputLimits, ReadResult, items_from_records, read_items
-from worker.errors import ConfigError, InputError
-from worker.profiles import Profile, load_profile
-from worker.schema import QUEUE_MODES, GenParams, Item, ItemResult, JobSpec, QueueMode
-from worker.settings import Settings, get_settings
+from worker.core.errors import ConfigError, InputError
+from worker.core.profiles import Profile, load_profile
+from worker.core.schema import GenParams, Item, ItemResult, JobSpec
+from worker.core.settings import Settings, get_settings
+from worker.core.states import QueueMode
 from worker.store import JobState, RedisStore
 
 DEFAULT_CHUNK_SIZE = 16
@@ -184,7 +185,7 @@ class Client:
         *,
         profile: str,
         job_id: str | None = None,
-        mode: QueueMode = "any",
+        mode: QueueMode | str = QueueMode.ANY,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         params: GenParams | None = None,
         system_prompt: str | None = None,
@@ -194,7 +195,7 @@ class Client:
         """Validate everything, store the job, enqueue its chunks.  Nothing is enqueued when the
         input has an error (unless ``skip_invalid``).  The same ``job_id`` again resumes."""
         prof = load_profile(profile, self.settings)
-        if mode not in QUEUE_MODES:
+        if mode not in tuple(QueueMode):
             raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
         if chunk_size < 1:
             raise InputError("chunk size must be at least 1", field="chunk_size")
@@ -209,7 +210,7 @@ class Client:
         spec = JobSpec(
             job_id=job_id or new_job_id(),
             profile=prof.name,
-            mode=mode,
+            mode=QueueMode(mode),
             chunk_size=chunk_size,
             total=len(items),
             defaults=params,
@@ -226,7 +227,7 @@ class Client:
         return Job(self, spec.job_id, resumed=True, enqueued=self._resume(spec.job_id))
 
     def _record_invalid(self, spec: JobSpec, items: list[Item]) -> None:
-        from worker.schema import error_result
+        from worker.core.schema import error_result
 
         bad = [error_result(it, it.invalid, profile=spec.profile, attempts=0) for it in items if it.invalid]
         for start in range(0, len(bad), 1000):
@@ -235,7 +236,7 @@ class Client:
     def _resume(self, job_id: str) -> int:
         """Re-enqueue the chunks that still have pending items and whose message is gone."""
         from worker.app import queue_name
-        from worker.schema import task_id
+        from worker.core.schema import task_id
 
         state = self.store.state(job_id)
         if state.final:

@@ -8,9 +8,9 @@ Two entry points share one validator:
   position of the record.
 
 The whole input is validated before anything is returned.  Without ``skip_invalid`` the first bad
-line raises :class:`~worker.errors.InputError` naming the source, the line and the field, so a
+line raises :class:`~worker.core.errors.InputError` naming the source, the line and the field, so a
 caller can guarantee that nothing is enqueued.  With ``skip_invalid`` each bad line becomes an
-:class:`~worker.schema.Item` whose ``invalid`` is set (recorded as errored, never generated) and
+:class:`~worker.core.schema.Item` whose ``invalid`` is set (recorded as errored, never generated) and
 its error is listed in :attr:`ReadResult.invalid`.
 
 Decisions worth knowing:
@@ -40,8 +40,8 @@ from typing import IO, Any, Literal, NoReturn
 
 from pydantic import ValidationError
 
-from worker.errors import InputError
-from worker.schema import MAX_ID_LENGTH, PARAM_FIELDS, ErrorInfo, GenParams, Item, Message
+from worker.core.errors import InputError
+from worker.core.schema import MAX_ID_LENGTH, PARAM_FIELDS, ErrorInfo, GenParams, Item, Message
 
 __all__ = ["InputFormat", "InputLimits", "ReadResult", "items_from_records", "read_items"]
 

@@ -40,8 +40,8 @@ def genq_home() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_profile():  # type: ignore[no-untyped-def]
-    from worker.profiles import load_profile
-    from worker.settings import reset_settings
+    from worker.core.profiles import load_profile
+    from worker.core.settings import reset_settings
 
     reset_settings()
     return load_profile("tiny-random")
@@ -49,14 +49,14 @@ def tiny_profile():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def loaded_fp32(tiny_profile):  # type: ignore[no-untyped-def]
-    from worker.loading import load_model
+    from worker.model.loading import load_model
 
     return load_model(tiny_profile, "fp32")
 
 
 @pytest.fixture(scope="session")
 def loaded_nf4(tiny_profile):  # type: ignore[no-untyped-def]
-    from worker.loading import load_model
+    from worker.model.loading import load_model
 
     return load_model(tiny_profile, "nf4")
 

@@ -26,8 +26,8 @@ from producer.cli import cli
 from producer.inputs import InputLimits
 from tests.helpers import RedisServer
 from tests.test_pipeline import genq
-from worker.profiles import load_profile
-from worker.settings import reset_settings
+from worker.core.profiles import load_profile
+from worker.core.settings import reset_settings
 
 PROFILE = "tiny-random"
 QUEUE = f"genq.{PROFILE}.any"

@@ -53,7 +53,7 @@ def test_gpu_benchmark_smoke() -> None:
 
 def test_seven_b_shape_matches_qwen25_7b() -> None:
     """The GPU benchmark's model has Qwen2.5-7B-Instruct's shapes: 7.6B parameters."""
-    from worker.tiny import QWEN25_7B_SHAPE as s
+    from worker.model.tiny import QWEN25_7B_SHAPE as s
 
     head = s.hidden_size // s.num_attention_heads
     layer = (
@@ -73,9 +73,9 @@ def test_bf16_model_is_built_in_bf16_and_loads_in_nf4(tmp_path: Path) -> None:
     and RAM), a model vocabulary larger than its tokenizer's, loaded through the NF4 path."""
     from safetensors import safe_open
 
-    from worker.loading import load_model
-    from worker.profiles import load_profile
-    from worker.tiny import TINY, ensure_model
+    from worker.core.profiles import load_profile
+    from worker.model.loading import load_model
+    from worker.model.tiny import TINY, ensure_model
 
     spec = replace(TINY, dtype="bfloat16", vocab_size=40_000)
     built = ensure_model(spec, home=tmp_path)

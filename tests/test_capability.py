@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.capability import Estimate, Facts, GpuFacts, choose_mode, estimate
-from worker.errors import InsufficientMemory, ModeError
+from worker.core.errors import InsufficientMemory, ModeError
+from worker.model.capability import Estimate, Facts, GpuFacts, choose_mode, estimate
 
 GiB = 1024**3
 # Qwen2.5-7B-shaped: 6.53B params in decoder linears, 1.09B in embeddings + lm_head + norms
@@ -106,8 +106,8 @@ def test_nf4_estimate_of_a_7b_model_is_about_5_5_gb() -> None:
 
 
 def test_estimate_from_headers_matches_config(tiny_profile) -> None:  # type: ignore[no-untyped-def]
-    from worker.capability import _count, _shapes_from_config
-    from worker.loading import resolve_sources
+    from worker.model.capability import _count, _shapes_from_config
+    from worker.model.loading import resolve_sources
 
     src = resolve_sources(tiny_profile)
     est = estimate(src.base, src.adapter)

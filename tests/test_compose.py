@@ -27,8 +27,8 @@ import click
 import pytest
 import yaml
 
+from worker.core.settings import ENV_PREFIX, Settings
 from worker.main import cli
-from worker.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "compose.yaml"
@@ -276,7 +276,7 @@ def check_worker_commands(compose: Compose) -> None:
     workers = worker_services(compose)
     assert workers, "no genq-worker services found"
     configs = Settings.from_env({}, configs_dir=REPO / "configs")
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
 
     for name in workers:
         cmd_name, params = parse_worker_args(argv(service(compose, name)))
@@ -381,7 +381,9 @@ def check_genq_names(names: set[str], where: str) -> None:
     unknown = sorted(
         n for n in names - NOT_SETTINGS if n[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
-    assert not unknown, f"{where} names GENQ_* variables that worker/settings.py does not read: {unknown}"
+    assert not unknown, (
+        f"{where} names GENQ_* variables that worker/core/settings.py does not read: {unknown}"
+    )
 
 
 def check_settings(compose: Compose) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from worker.core.schema import GenParams, Item, Message
+from worker.core.settings import Settings
 from worker.engine import PACKED_MAX_ROWS, Engine
-from worker.schema import GenParams, Item, Message
-from worker.settings import Settings
 
 PROMPTS = [
     "the patient",
@@ -138,7 +138,7 @@ def test_oom_with_one_item_records_that_item(loaded_fp32) -> None:  # type: igno
     # with a ceiling of 1 nothing is over the limit; force it with a limit of 0 via a subclass
     class AlwaysOOM(Engine):
         def _run_batch(self, batch, attempts):  # type: ignore[no-untyped-def]
-            from worker.errors import OutOfMemory
+            from worker.core.errors import OutOfMemory
 
             if any(p.item.id == "i3" for p in batch):
                 raise OutOfMemory("injected for i3")
@@ -280,8 +280,8 @@ def test_batch_size_search_stops_when_bigger_stops_paying() -> None:
 
 
 def test_batch_size_search_stops_at_out_of_memory() -> None:
+    from worker.core.errors import OutOfMemory
     from worker.engine import search_batch_sizes
-    from worker.errors import OutOfMemory
 
     def measure(size: int) -> float:
         if size >= 16:

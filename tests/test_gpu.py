@@ -9,8 +9,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_auto_mode_is_nf4_on_the_gpu(tiny_profile) -> None:  # type: ignore[no-untyped-def]
-    from worker.capability import probe
-    from worker.loading import load_model
+    from worker.model.capability import probe
+    from worker.model.loading import load_model
 
     facts = probe()
     assert facts.gpus and facts.bnb_cuda, f"CUDA visible but bitsandbytes' CUDA backend is not: {facts.notes}"
@@ -22,9 +22,9 @@ def test_auto_mode_is_nf4_on_the_gpu(tiny_profile) -> None:  # type: ignore[no-u
 
 
 def test_nf4_generation_on_the_gpu_is_batch_independent(tiny_profile) -> None:  # type: ignore[no-untyped-def]
+    from worker.core.schema import GenParams, Item
     from worker.engine import Engine
-    from worker.loading import load_model
-    from worker.schema import GenParams, Item
+    from worker.model.loading import load_model
 
     engine = Engine(load_model(tiny_profile, "nf4"), max_batch_size=8)
     items = [
@@ -39,7 +39,7 @@ def test_nf4_generation_on_the_gpu_is_batch_independent(tiny_profile) -> None:  
 def test_probe_does_not_initialise_cuda_in_this_process() -> None:
     import torch
 
-    from worker.capability import probe
+    from worker.model.capability import probe
 
     probe()
     assert not torch.cuda.is_initialized(), "probe must leave CUDA alone (the process may fork)"

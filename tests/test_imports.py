@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["worker.schema", "worker.errors", "worker.settings", "worker.profiles", "producer"]
+    "module",
+    ["worker.core.schema", "worker.core.errors", "worker.core.settings", "worker.core.profiles", "producer"],
 )
 def test_no_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"

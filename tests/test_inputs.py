@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.inputs import InputLimits, ReadResult, items_from_records, read_items
-from worker.errors import InputError
-from worker.schema import GenParams, Message
+from worker.core.errors import InputError
+from worker.core.schema import GenParams, Message
 
 GOOD = '{"prompt": "hello"}'
 CHAT = '{"messages": [{"role": "user", "content": "hi"}]}'
@@ -891,7 +891,7 @@ def test_records_skip_invalid_and_empty() -> None:
 
 
 def test_does_not_import_torch() -> None:
-    code = "import producer, producer.inputs, producer.outputs, sys; assert 'torch' not in sys.modules"
+    code = "import producer, producer.inputs, worker.core.outputs, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from worker.errors import ModelLoadError
-from worker.loading import resolve_sources
+from worker.core.errors import ModelLoadError
+from worker.model.loading import resolve_sources
 
 
 def _logits(model, tokenizer, text: str = "the patient has a fever") -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -38,7 +38,7 @@ def test_fp32_merged_matches_base_plus_unmerged_adapter(loaded_fp32, tiny_profil
 def test_nf4_on_cpu_has_linear4bit_with_double_quant_and_unmerged_adapter(tiny_profile) -> None:  # type: ignore[no-untyped-def]
     from bitsandbytes.nn import Linear4bit
 
-    from worker.loading import load_model
+    from worker.model.loading import load_model
 
     # a fresh load: bitsandbytes' CPU backend repacks the weights (dropping the nested constants)
     # on their first forward pass, so the shared fixture may already have run
@@ -73,7 +73,7 @@ def test_tokenizer_pads_left_and_has_chat_template(loaded_fp32) -> None:  # type
 
 
 def test_tiny_model_is_deterministic(genq_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from worker.tiny import TINY, ensure_model
+    from worker.model.tiny import TINY, ensure_model
 
     again = ensure_model(TINY, home=tmp_path)
     first = ensure_model(TINY, home=genq_home)
@@ -82,7 +82,7 @@ def test_tiny_model_is_deterministic(genq_home, tmp_path) -> None:  # type: igno
 
 
 def test_adapter_only_profile_reads_base_from_adapter_config(tmp_path, tiny_profile) -> None:  # type: ignore[no-untyped-def]
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
 
     src = resolve_sources(tiny_profile)
     p = tmp_path / "adapter-only.yaml"
@@ -95,7 +95,7 @@ def test_missing_repo_offline_names_repo_and_fix(tmp_path) -> None:  # type: ign
     p = tmp_path / "remote.yaml"
     p.write_text("# test\nbase: genq-test/does-not-exist\n")
     code = (
-        "from worker.profiles import load_profile; from worker.loading import resolve_sources\n"
+        "from worker.core.profiles import load_profile; from worker.model.loading import resolve_sources\n"
         f"resolve_sources(load_profile({str(p)!r}))"
     )
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -105,7 +105,7 @@ def test_missing_repo_offline_names_repo_and_fix(tmp_path) -> None:  # type: ign
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""producer.outputs: native and OpenAI batch output rows, atomic writes, resuming from a file."""
+"""worker.core.outputs: native and OpenAI batch output rows, atomic writes, resuming from a file."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from producer.outputs import append_row, read_done, result_row, trim_partial_line, write_results
-from worker.errors import InputError
-from worker.schema import ErrorInfo, Item, ItemResult, Message, Usage
+from worker.core.errors import InputError
+from worker.core.outputs import append_row, read_done, result_row, trim_partial_line, write_results
+from worker.core.schema import ErrorInfo, Item, ItemResult, Message, Usage
 
 CHAT_ITEM = Item(index=0, id="c1", line=1, messages=[Message(role="user", content="hi")])
 PROMPT_ITEM = Item(index=1, id="p1", line=2, prompt="Once upon")

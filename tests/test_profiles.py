@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigError, ProfileNotFound
-from worker.profiles import available_profiles, load_profile
+from worker.core.errors import ConfigError, ProfileNotFound
+from worker.core.profiles import available_profiles, load_profile
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -39,8 +39,8 @@ from bench.cluster import parse_events, stop_process
 from tests.helpers import REPO, WorkerProcess, env_for, free_port, wait_for
 from tests.test_pipeline import genq, rows
 from worker.app import TASK_NAME, publish_chunks, queue_name
-from worker.errors import ConfigError, GenqError, ModelLoadError
-from worker.settings import Settings, redact_url
+from worker.core.errors import ConfigError, GenqError, ModelLoadError
+from worker.core.settings import Settings, redact_url
 
 PASSWORD = "s3cr3t-pa55"
 PROFILE = "tiny-random"
@@ -325,7 +325,7 @@ def test_job_naming_another_profile_loads_and_downloads_nothing(cluster: Cluster
     creates no file, and still serves its own profile."""
     from producer.client import Client
     from producer.inputs import items_from_records
-    from worker.schema import JobSpec
+    from worker.core.schema import JobSpec
 
     if kind == "real-profile-not-served":
         other = "qwen2.5-7b-medical"
@@ -590,9 +590,9 @@ def test_worker_with_an_unparseable_url_stops_with_a_clear_redacted_message(clus
 
 @pytest.fixture(scope="module")
 def tiny_dirs() -> tuple[Path, Path]:
-    from worker.loading import resolve_sources
-    from worker.profiles import load_profile
-    from worker.settings import reset_settings
+    from worker.core.profiles import load_profile
+    from worker.core.settings import reset_settings
+    from worker.model.loading import resolve_sources
 
     reset_settings()
     src = resolve_sources(load_profile(PROFILE))
@@ -616,8 +616,8 @@ def pickle_only_copy(src: Path, dst: Path, weights: str) -> Path:
 
 
 def test_profiles_default_to_no_remote_code_and_safetensors_only() -> None:
-    from worker.loading import UNSAFE_PATTERNS, hub_patterns
-    from worker.profiles import Profile, load_profile
+    from worker.core.profiles import Profile, load_profile
+    from worker.model.loading import UNSAFE_PATTERNS, hub_patterns
 
     bare = Profile(name="x", base="org/model")
     assert bare.trust_remote_code is False and bare.use_safetensors is True
@@ -637,8 +637,8 @@ def test_hub_download_asks_only_for_safetensors(tmp_path: Path, monkeypatch: pyt
     recorded and answered with a local folder)."""
     import huggingface_hub
 
-    from worker.loading import resolve_sources
-    from worker.profiles import Profile
+    from worker.core.profiles import Profile
+    from worker.model.loading import resolve_sources
 
     calls: list[dict[str, Any]] = []
     folder = tmp_path / "snap"
@@ -666,8 +666,8 @@ def test_pickle_only_weights_are_refused_unless_the_profile_allows_them(
     import torch
     from safetensors.torch import load_file
 
-    from worker.loading import load_model, resolve_sources
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
+    from worker.model.loading import load_model, resolve_sources
 
     base, adapter = tiny_dirs
     unsafe_base = pickle_only_copy(base, tmp_path / "bin-base", "pytorch_model.bin")
@@ -720,7 +720,7 @@ def test_tiny_profile_loads_with_trust_remote_code_off_and_safetensors_on(
     and the model's passes ``use_safetensors=True``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from worker.loading import load_model
+    from worker.model.loading import load_model
 
     seen: dict[str, list[dict[str, Any]]] = {}
 
@@ -747,8 +747,8 @@ def test_planted_remote_code_is_not_run(tiny_dirs: tuple[Path, Path], tmp_path: 
     """``auto_map`` pointing at planted code: with the default profile the code is never imported
     (a known ``model_type`` loads genq's own class; an unknown one is refused).  Control: a profile
     that sets ``trust_remote_code: true`` does run it (in a subprocess with its own HF_HOME)."""
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
+    from worker.model.loading import load_model
 
     base, _ = tiny_dirs
     marker = tmp_path / "remote-code-ran"
@@ -769,7 +769,7 @@ def test_planted_remote_code_is_not_run(tiny_dirs: tuple[Path, Path], tmp_path: 
     control = remote_code_copy(base, tmp_path / "control", control_marker)
     (tmp_path / "trusting.yaml").write_text(f"base: {control}\ntrust_remote_code: true\n")
     code = (
-        "from worker.profiles import load_profile\nfrom worker.loading import load_model\n"
+        "from worker.core.profiles import load_profile\nfrom worker.model.loading import load_model\n"
         f"try:\n    load_model(load_profile({str(tmp_path / 'trusting.yaml')!r}), 'fp32')\n"
         "except Exception as exc:\n    print(type(exc).__name__)\n"
     )
@@ -782,8 +782,8 @@ def test_planted_remote_code_is_not_run(tiny_dirs: tuple[Path, Path], tmp_path: 
 
 
 def test_refused_remote_code_is_a_model_load_error(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
+    from worker.model.loading import load_model
 
     marker = tmp_path / "ran"
     folder = remote_code_copy(tiny_dirs[0], tmp_path / "m", marker, model_type="planted-model")

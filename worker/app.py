@@ -14,20 +14,21 @@ from typing import Any
 
 from celery import Celery
 
-from worker.schema import ChunkRef, JobSpec, Mode, QueueMode, task_id
-from worker.settings import Settings, get_settings
+from worker.core.schema import ChunkRef, JobSpec, task_id
+from worker.core.settings import Settings, get_settings
+from worker.core.states import Mode, QueueMode
 
 TASK_NAME = "genq.run_chunk"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
-def queue_name(profile: str, mode: QueueMode) -> str:
-    return f"genq.{profile}.{mode}"
+def queue_name(profile: str, mode: QueueMode | Mode) -> str:
+    return f"genq.{profile}.{QueueMode(mode)}"
 
 
 def worker_queues(profile: str, mode: Mode) -> list[str]:
     """What a worker of ``mode`` consumes: its own mode's queue first, then ``any``."""
-    return [queue_name(profile, mode), queue_name(profile, "any")]
+    return [queue_name(profile, mode), queue_name(profile, QueueMode.ANY)]
 
 
 def restore_timing(visibility_timeout: int) -> tuple[float, int]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from producer.outputs import OutputFormat, append_row, read_done, result_row, trim_partial_line
-from worker.schema import ChunkRef, Counts, ErrorInfo, Item, ItemResult, JobSpec, error_result
+from worker.core.outputs import OutputFormat, append_row, read_done, result_row, trim_partial_line
+from worker.core.schema import ChunkRef, Counts, ErrorInfo, Item, ItemResult, JobSpec, error_result
 from worker.store import result_kind
 
 
@@ -141,7 +141,7 @@ def reorder_output(path: Path, items: list[Item]) -> None:
     """Rewrite ``path`` with one row per item in input order (atomic)."""
     rows = read_done(path)
     tmp = path.with_name(path.name + ".tmp")
-    from producer.outputs import _dumps
+    from worker.core.outputs import _dumps
 
     with open(tmp, "w", encoding="utf-8") as fh:
         for item in items:
@@ -164,9 +164,9 @@ def run_embedded(
     max_attempts: int = 3,
 ) -> EmbeddedReport:
     """Generate every item not already in ``output``, appending results as they finish."""
+    from worker.core.profiles import load_profile
     from worker.engine import build_engine
-    from worker.loading import load_model
-    from worker.profiles import load_profile
+    from worker.model.loading import load_model
     from worker.tasks import process_chunk
 
     started = time.monotonic()

@@ -49,11 +49,18 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from worker.errors import ContextLengthExceeded, GenerationError, GenqError, OutOfMemory, ShutdownRequested
-from worker.loading import Loaded
-from worker.logs import get_logger
-from worker.schema import ErrorInfo, GenParams, Item, ItemResult, Usage, error_result
-from worker.settings import Settings, get_settings
+from worker.core.errors import (
+    ContextLengthExceeded,
+    GenerationError,
+    GenqError,
+    OutOfMemory,
+    ShutdownRequested,
+)
+from worker.core.logs import get_logger
+from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, Usage, error_result
+from worker.core.settings import Settings, get_settings
+from worker.core.states import FinishReason, ItemStatus
+from worker.model.loading import Loaded
 
 ResultCallback = Callable[[list[ItemResult]], None]
 
@@ -666,9 +673,9 @@ class Engine:
             index=row.prep.item.index,
             id=row.prep.item.id,
             line=row.prep.item.line,
-            status="ok",
+            status=ItemStatus.OK,
             text=text,
-            finish_reason="stop" if row.finish == "stop" else "length",
+            finish_reason=FinishReason.STOP if row.finish == "stop" else FinishReason.LENGTH,
             usage=Usage(prompt_tokens=len(row.prep.ids), completion_tokens=len(row.tokens)),
             profile=self.loaded.profile.name,
             mode=self.loaded.mode,

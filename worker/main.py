@@ -20,8 +20,8 @@ from typing import Any
 
 import click
 
-from worker.errors import GenqError
-from worker.settings import get_settings, reset_settings
+from worker.core.errors import GenqError
+from worker.core.settings import get_settings, reset_settings
 
 MODE_CHOICE = click.Choice(["auto", "nf4", "fp32"])
 
@@ -39,7 +39,7 @@ def cli() -> None:
 @cli.command()
 def facts() -> None:
     """Print what this machine can do (GPUs, bitsandbytes, RAM) as JSON."""
-    from worker.capability import probe
+    from worker.model.capability import probe
 
     click.echo(json.dumps(probe().describe()))
 
@@ -50,7 +50,7 @@ def facts() -> None:
 def queues(profile: str, mode: str) -> None:
     """Print the queues a worker of this profile and mode consumes (comma-separated)."""
     from worker.app import worker_queues
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
 
     try:
         name = load_profile(profile).name
@@ -68,16 +68,16 @@ def queues(profile: str, mode: str) -> None:
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 def check(profile: str, mode: str, prompt: str, max_new_tokens: int) -> None:
     """Load the model, generate one short sample and print one JSON line."""
+    from worker.core.logs import configure
+    from worker.core.profiles import load_profile
+    from worker.core.schema import GenParams, Item, Message
     from worker.engine import Engine
-    from worker.loading import load_model
-    from worker.logs import configure
-    from worker.profiles import load_profile
-    from worker.schema import GenParams, Item, Message
+    from worker.model.loading import load_model
 
     configure()
     try:
         prof = load_profile(profile)
-        loaded = load_model(prof, mode)  # type: ignore[arg-type]
+        loaded = load_model(prof, mode)
         engine = Engine(loaded, worker=socket.gethostname())
         t0 = time.perf_counter()
         result = engine.generate(
@@ -113,7 +113,7 @@ def check(profile: str, mode: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Only print what would be downloaded.")
 def prefetch(profile: str, dry_run: bool) -> None:
     """Download only the files the profile needs; print download size, cache and runtime memory."""
-    from worker.prefetch import prefetch as run_prefetch
+    from worker.model.prefetch import prefetch as run_prefetch
 
     try:
         report = run_prefetch(profile, dry_run=dry_run)
@@ -161,7 +161,7 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     if not settings.broker:
         raise click.UsageError("GENQ_BROKER_URL is not set (e.g. redis://127.0.0.1:6379/0)")
 
-    from worker.logs import configure, get_logger
+    from worker.core.logs import configure, get_logger
 
     configure()
     node = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -194,7 +194,7 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
         _fail(exc)
 
     from worker.app import app, worker_queues
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
 
     prof_name = load_profile(profile).name
     queue_list = worker_queues(prof_name, chosen)  # type: ignore[arg-type]
@@ -233,8 +233,8 @@ def _check_credentials(url: str, shown: str) -> None:
     forever).  Any other failure is left to the reconnecting clients: Redis may just be starting."""
     import redis
 
-    from worker.errors import ConfigError
-    from worker.settings import URL_ENCODING_HINT
+    from worker.core.errors import ConfigError
+    from worker.core.settings import URL_ENCODING_HINT
 
     try:
         redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
@@ -257,16 +257,16 @@ def _decide_mode_isolated(profile: str, mode: str) -> str:
 
 
 def _decide_mode(profile: str, mode: str) -> str:
-    from worker.capability import choose_mode, estimate, probe
-    from worker.loading import resolve_sources
-    from worker.profiles import load_profile
+    from worker.core.profiles import load_profile
+    from worker.model.capability import choose_mode, estimate, probe
+    from worker.model.loading import resolve_sources
 
     prof = load_profile(profile)
     sources = resolve_sources(prof)
     decision = choose_mode(
         probe(),
         estimate(sources.base, sources.adapter),
-        mode,  # type: ignore[arg-type]
+        mode,
         headroom=prof.nf4.kv_cache_headroom,
     )
     return decision.mode

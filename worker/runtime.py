@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.errors import ConfigError
-from worker.logs import get_logger
-from worker.schema import Mode
-from worker.settings import Settings, get_settings
+from worker.core.errors import ConfigError
+from worker.core.logs import get_logger
+from worker.core.settings import Settings, get_settings
+from worker.core.states import Mode
 
 
 @dataclass
@@ -65,15 +65,15 @@ class Runtime:
         """Load the profile's model once in this process (no-op when already loaded)."""
         if self.engine is not None:
             return
+        from worker.core.profiles import load_profile
         from worker.engine import build_engine
-        from worker.loading import load_model
-        from worker.profiles import load_profile
+        from worker.model.loading import load_model
 
         name = profile_name or self.settings.profile
         if not name:
             raise ConfigError("no profile: pass --profile or set GENQ_PROFILE")
         self.profile = load_profile(name, self.settings)
-        self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)  # type: ignore[arg-type]
+        self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)
         self.mode = self.loaded.mode
         self.engine = build_engine(self.loaded, settings=self.settings, worker=self.name)
 

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.errors import GenqError, ShutdownRequested, StoreUnavailable
-from worker.logs import bind, get_logger, unbind
-from worker.schema import FINAL_STATUSES, ChunkRef, ErrorInfo, Item, ItemResult, JobSpec, error_result
+from worker.core.errors import GenqError, ShutdownRequested, StoreUnavailable
+from worker.core.logs import bind, get_logger, unbind
+from worker.core.schema import ChunkRef, ErrorInfo, Item, ItemResult, JobSpec, error_result
+from worker.core.states import FINAL_STATUSES
 
 Publish = Callable[[JobSpec, dict[str, list[int]]], object]
 

@@ -20,20 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-Mode = Literal["nf4", "fp32"]
-"""How a worker holds the model: NF4 4-bit through bitsandbytes, or fp32 with the adapter merged."""
-
-QueueMode = Literal["any", "nf4", "fp32"]
-"""Which workers may take a job's chunks: ``any`` or only those of one mode."""
-
-MODES: tuple[Mode, ...] = ("nf4", "fp32")
-QUEUE_MODES: tuple[QueueMode, ...] = ("any", "nf4", "fp32")
-
-JobStatus = Literal["queued", "in_progress", "completed", "cancelling", "cancelled", "expired"]
-FINAL_STATUSES: frozenset[str] = frozenset({"completed", "cancelled", "expired"})
-
-ItemStatus = Literal["ok", "error"]
-FinishReason = Literal["stop", "length"]
+from worker.core.states import FinishReason, ItemStatus, Mode, QueueMode
 
 MAX_STOP_SEQUENCES = 16
 MAX_ID_LENGTH = 512
@@ -158,7 +145,9 @@ class ItemResult(_Strict):
 
 
 def error_result(item: Item, error: ErrorInfo, **extra: Any) -> ItemResult:
-    return ItemResult(index=item.index, id=item.id, line=item.line, status="error", error=error, **extra)
+    return ItemResult(
+        index=item.index, id=item.id, line=item.line, status=ItemStatus.ERROR, error=error, **extra
+    )
 
 
 class JobSpec(_Strict):
@@ -166,7 +155,7 @@ class JobSpec(_Strict):
 
     job_id: str
     profile: str
-    mode: QueueMode = "any"
+    mode: QueueMode = QueueMode.ANY
     chunk_size: Annotated[int, Field(gt=0)] = 16
     total: int
     defaults: GenParams = GenParams()

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.capability import estimate
-from worker.loading import fetch_repo, resolve_sources
-from worker.profiles import Profile, load_profile
-from worker.settings import Settings, get_settings
+from worker.core.profiles import Profile, load_profile
+from worker.core.settings import Settings, get_settings
+from worker.model.capability import estimate
+from worker.model.loading import fetch_repo, resolve_sources
 
 
 def _repos(profile: Profile) -> list[tuple[str, str | None, str]]:

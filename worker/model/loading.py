@@ -22,12 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.capability import Decision, Estimate, Facts, choose_mode, estimate, gpu_budget, probe, ram_budget
-from worker.errors import ModelLoadError
-from worker.logs import get_logger
-from worker.profiles import Profile
-from worker.schema import Mode
-from worker.settings import Settings, get_settings
+from worker.core.errors import ModelLoadError
+from worker.core.logs import get_logger
+from worker.core.profiles import Profile
+from worker.core.settings import Settings, get_settings
+from worker.core.states import LoadMode, Mode
+from worker.model.capability import (
+    Decision,
+    Estimate,
+    Facts,
+    choose_mode,
+    estimate,
+    gpu_budget,
+    probe,
+    ram_budget,
+)
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 META_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
@@ -150,7 +159,7 @@ def resolve_sources(profile: Profile, settings: Settings | None = None) -> Sourc
     """Local folders for the profile's base and adapter, downloading what is missing."""
     settings = settings or get_settings()
     if profile.tiny:
-        from worker.tiny import ensure_model
+        from worker.model.tiny import ensure_model
 
         built = ensure_model(home=settings.home)
         return Sources(built.base, built.adapter, "tiny-random", "tiny-random-lora")
@@ -269,7 +278,7 @@ def load_tokenizer(sources: Sources, profile: Profile) -> Any:
 
 def load_model(
     profile: Profile,
-    mode: Mode | Literal["auto"] = "auto",
+    mode: LoadMode | str = LoadMode.AUTO,
     *,
     settings: Settings | None = None,
     facts: Facts | None = None,

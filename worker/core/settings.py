@@ -1,7 +1,7 @@
 """The one place that reads environment variables.
 
 Every setting is typed and documented where it is declared.  ``Settings.from_env()`` reads
-``GENQ_*`` (plus ``HF_TOKEN``); a bad value raises :class:`~worker.errors.ConfigError` naming the
+``GENQ_*`` (plus ``HF_TOKEN``); a bad value raises :class:`~worker.core.errors.ConfigError` naming the
 variable.  Nothing else in genq calls ``os.environ`` for configuration.
 """
 
@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from worker.errors import ConfigError
+from worker.core.errors import ConfigError
 
 ENV_PREFIX = "GENQ_"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _default_configs() -> Path:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.errors import InsufficientMemory, ModeError
-from worker.schema import MODES, Mode
+from worker.core.errors import InsufficientMemory, ModeError
+from worker.core.states import LoadMode, Mode
 
 GiB = 1024**3
 RAM_USABLE = 0.85
@@ -334,12 +334,12 @@ def _gib(n: int) -> str:
 
 
 def choose_mode(
-    facts: Facts, est: Estimate, requested: Mode | Literal["auto"] = "auto", *, headroom: float = 0.2
+    facts: Facts, est: Estimate, requested: LoadMode | str = LoadMode.AUTO, *, headroom: float = 0.2
 ) -> Decision:
     """The rules.  ``auto``: nf4 on a CUDA GPU with bitsandbytes (spilling to CPU if it must);
     on a CPU, fp32 when it fits in RAM, else nf4 through bitsandbytes' CPU backend, else an error
     naming the numbers.  An explicit mode is honoured or refused with the reason."""
-    if requested not in ("auto", *MODES):
+    if requested not in tuple(LoadMode):
         raise ModeError(f"unknown mode {requested!r}: choose auto, nf4 or fp32")
     ram = ram_budget(facts)
     gpu = gpu_budget(facts, headroom)
@@ -354,12 +354,12 @@ def choose_mode(
     def nf4_decision() -> Decision | None:
         if facts.gpus and facts.bnb_cuda:
             if nf4 <= gpu:
-                return Decision("nf4", "cuda", "gpu", f"nf4 fits on the GPU; {numbers}", budgets)
+                return Decision(Mode.NF4, "cuda", "gpu", f"nf4 fits on the GPU; {numbers}", budgets)
             # layers that do not fit the GPU are offloaded to the CPU in fp32 (8x their nf4 size)
             spill = (nf4 - gpu) * 8
             if spill <= ram:
                 return Decision(
-                    "nf4",
+                    Mode.NF4,
                     "cuda",
                     "gpu+cpu",
                     f"nf4 does not fit the GPU: about {_gib(spill)} of layers go to the CPU "
@@ -368,12 +368,14 @@ def choose_mode(
                 )
             return None
         if facts.bnb_cpu and est.nf4_cpu_bytes <= ram:
-            return Decision("nf4", "cpu", "cpu", f"nf4 on the CPU through bitsandbytes; {numbers}", budgets)
+            return Decision(
+                Mode.NF4, "cpu", "cpu", f"nf4 on the CPU through bitsandbytes; {numbers}", budgets
+            )
         return None
 
     if requested == "fp32":
         if fp32 <= ram:
-            return Decision("fp32", "cpu", "cpu", f"fp32 requested; {numbers}", budgets)
+            return Decision(Mode.FP32, "cpu", "cpu", f"fp32 requested; {numbers}", budgets)
         raise InsufficientMemory(
             f"--mode fp32 refused: {numbers}. Use --mode nf4 (needs bitsandbytes) or a machine with "
             f"at least {_gib(int(fp32 / RAM_USABLE))} of free RAM."
@@ -395,10 +397,10 @@ def choose_mode(
         return found
     if fp32 <= ram:
         why = "no CUDA GPU with bitsandbytes" if not (facts.gpus and facts.bnb_cuda) else "nf4 does not fit"
-        return Decision("fp32", "cpu", "cpu", f"fp32 on the CPU ({why}); {numbers}", budgets)
+        return Decision(Mode.FP32, "cpu", "cpu", f"fp32 on the CPU ({why}); {numbers}", budgets)
     if facts.bnb_cpu and est.nf4_cpu_bytes <= ram:
         return Decision(
-            "nf4", "cpu", "cpu", f"fp32 does not fit in RAM, nf4 on the CPU does; {numbers}", budgets
+            Mode.NF4, "cpu", "cpu", f"fp32 does not fit in RAM, nf4 on the CPU does; {numbers}", budgets
         )
     raise InsufficientMemory(
         f"the model fits in no mode here: {numbers}. Free memory, use a machine with more RAM or a "

@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any, Literal
 
-from worker.errors import InputError
-from worker.schema import Item, ItemResult
+from worker.core.errors import InputError
+from worker.core.schema import Item, ItemResult
 
 __all__ = ["OutputFormat", "append_row", "read_done", "result_row", "trim_partial_line", "write_results"]
 

@@ -30,6 +30,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -43,97 +44,26 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from worker.errors import JobConflict, JobNotFound, StoreUnavailable
-from worker.schema import FINAL_STATUSES, Counts, ErrorInfo, Item, ItemResult, JobSpec, error_result
-from worker.settings import URL_ENCODING_HINT, Settings, get_settings, redact_url
+from worker.core.errors import JobConflict, JobNotFound, StoreUnavailable
+from worker.core.schema import Counts, ErrorInfo, Item, ItemResult, JobSpec, error_result
+from worker.core.settings import URL_ENCODING_HINT, Settings, get_settings, redact_url
+from worker.core.states import FINAL_STATUSES
 
 PREFIX = "genq:"
+
+
+def _lua(name: str) -> str:
+    return (Path(__file__).parent / "lua" / f"{name}.lua").read_text()
+
+
 COUNT_FIELDS = ("succeeded", "errored", "cancelled", "expired")
 PAGE = 1000
 
-# Record results: HSETNX each, count what was new, move the status, finish the job.
-# KEYS: job, results, workers, + every key of the job (for EXPIRE at the end)
-# ARGV: now, ttl, worker, n, then n × (index, json, kind, prompt_tokens, completion_tokens)
-_RECORD = """
-local job, results, workers = KEYS[1], KEYS[2], KEYS[3]
-local now, ttl, worker, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', job) == 0 then return -1 end
-local written, items, ptoks, ctoks = 0, 0, 0, 0
-for i = 0, n - 1 do
-  local b = 5 + i * 5
-  if redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
-    written = written + 1
-    redis.call('HINCRBY', job, ARGV[b + 2], 1)
-    local p, c = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-    if ARGV[b + 2] == 'succeeded' then items = items + 1 end
-    ptoks = ptoks + p
-    ctoks = ctoks + c
-  end
-end
-if written == 0 then return 0 end
-if ptoks > 0 then redis.call('HINCRBY', job, 'prompt_tokens', ptoks) end
-if ctoks > 0 then redis.call('HINCRBY', job, 'completion_tokens', ctoks) end
-if worker ~= '' then
-  redis.call('HINCRBY', workers, worker .. ':items', items)
-  redis.call('HINCRBY', workers, worker .. ':tokens', ctoks)
-end
-local status = redis.call('HGET', job, 'status')
-if status == 'queued' then
-  redis.call('HSET', job, 'status', 'in_progress')
-  status = 'in_progress'
-end
-redis.call('HSETNX', job, 'started_at', now)
-redis.call('HSET', job, 'updated_at', now)
-local c = redis.call('HMGET', job, 'total', 'succeeded', 'errored', 'cancelled', 'expired')
-local total = tonumber(c[1]) or 0
-local cancelled, expired = tonumber(c[4]) or 0, tonumber(c[5]) or 0
-local done = (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0) + cancelled + expired
-if done >= total then
-  local final = 'completed'
-  if cancelled > 0 then final = 'cancelled' elseif expired > 0 then final = 'expired' end
-  redis.call('HSET', job, 'status', final, 'finished_at', now)
-  for k = 4, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
-  redis.call('PUBLISH', job .. ':events', final)
-end
-return written
-"""
+_RECORD = _lua("record")
 
-# A chunk starts.  KEYS: job, running; ARGV: chunk, "worker|since", now
-_START = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'in_progress')
-end
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
-return 1
-"""
+_START = _lua("start")
 
-# Forget errored results so they can run again.  KEYS: job, results; ARGV: indices
-_UNRECORD = """
-local job, results = KEYS[1], KEYS[2]
-local removed = 0
-for i = 1, #ARGV do
-  local raw = redis.call('HGET', results, ARGV[i])
-  if raw then
-    local r = cjson.decode(raw)
-    if r['status'] == 'error' then
-      local kind = 'errored'
-      local t = r['error'] and r['error']['type'] or ''
-      if t == 'cancelled' then kind = 'cancelled' elseif t == 'expired' then kind = 'expired' end
-      redis.call('HDEL', results, ARGV[i])
-      redis.call('HINCRBY', job, kind, -1)
-      removed = removed + 1
-    end
-  end
-end
-if removed > 0 then
-  redis.call('HSET', job, 'status', 'in_progress')
-  redis.call('HDEL', job, 'finished_at')
-  for k = 3, #KEYS do redis.call('PERSIST', KEYS[k]) end
-end
-return removed
-"""
+_UNRECORD = _lua("unrecord")
 
 
 def result_kind(result: ItemResult) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from worker.settings import Settings, get_settings, redact_url
+from worker.core.settings import Settings, get_settings, redact_url
 
 _URL_WITH_PASSWORD = re.compile(r"\b(rediss?|amqps?|https?)://\S*@\S+")
 _configured = False

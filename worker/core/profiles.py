@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.errors import ConfigError, ProfileNotFound
-from worker.schema import GenParams
-from worker.settings import Settings, get_settings
+from worker.core.errors import ConfigError, ProfileNotFound
+from worker.core.schema import GenParams
+from worker.core.settings import Settings, get_settings
 
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -75,7 +75,7 @@ class Profile(_Section):
     adapter_revision: str | None = None
 
     tiny: bool = False
-    """Build the tiny random model with ``worker/tiny.py`` (offline, seconds) and use it for
+    """Build the tiny random model with ``worker/model/tiny.py`` (offline, seconds) and use it for
     ``base`` and ``adapter``.  For tests and the offline demo."""
 
     trust_remote_code: bool = False

@@ -211,7 +211,7 @@ def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
 def ensure_model(spec: ModelSpec = TINY, home: Path | None = None) -> TinyModel:
     """Build the model for ``spec`` under ``home`` unless it is already there; return its paths."""
     if home is None:
-        from worker.settings import get_settings
+        from worker.core.settings import get_settings
 
         home = get_settings().home
     root = Path(home) / "tiny" / spec.key()
@@ -243,6 +243,6 @@ def ensure_model(spec: ModelSpec = TINY, home: Path | None = None) -> TinyModel:
     return final
 
 
-if __name__ == "__main__":  # python -m worker.tiny: build the tiny model and print where it is
+if __name__ == "__main__":  # python -m worker.model.tiny: build the tiny model and print where it is
     built = ensure_model()
     print(json.dumps({"base": str(built.base), "adapter": str(built.adapter)}))

@@ -13,11 +13,13 @@ Every error has a stable ``code`` (snake_case), which is what results carry as `
 
 from __future__ import annotations
 
+from worker.core.states import ErrorCode
+
 
 class GenqError(Exception):
     """Base of every error genq raises on purpose."""
 
-    code: str = "genq_error"
+    code: ErrorCode = ErrorCode.GENQ_ERROR
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -30,13 +32,13 @@ class GenqError(Exception):
 class PermanentError(GenqError):
     """Retrying will not help."""
 
-    code = "permanent_error"
+    code = ErrorCode.PERMANENT_ERROR
 
 
 class TransientError(GenqError):
     """May succeed if tried again."""
 
-    code = "transient_error"
+    code = ErrorCode.TRANSIENT_ERROR
 
 
 # --- input and configuration -------------------------------------------------------------
@@ -45,7 +47,7 @@ class TransientError(GenqError):
 class InputError(PermanentError):
     """A bad input line or file.  Names the line (1-based) and the field where known."""
 
-    code = "invalid_input"
+    code = ErrorCode.INVALID_INPUT
 
     def __init__(
         self, message: str, *, line: int | None = None, field: str | None = None, source: str | None = None
@@ -68,64 +70,64 @@ class InputError(PermanentError):
 class ConfigError(PermanentError):
     """A bad setting, environment variable or profile file."""
 
-    code = "config_error"
+    code = ErrorCode.CONFIG_ERROR
 
 
 class ProfileNotFound(ConfigError):
-    code = "unknown_profile"
+    code = ErrorCode.UNKNOWN_PROFILE
 
 
 class ModeError(PermanentError):
     """An explicit mode the hardware cannot run, or an unknown mode."""
 
-    code = "mode_unavailable"
+    code = ErrorCode.MODE_UNAVAILABLE
 
 
 class InsufficientMemory(PermanentError):
     """The model fits in no mode on this machine.  The message names the numbers."""
 
-    code = "insufficient_memory"
+    code = ErrorCode.INSUFFICIENT_MEMORY
 
 
 class ModelLoadError(PermanentError):
     """The model or adapter cannot be loaded (gated, missing, offline without cache, unsafe)."""
 
-    code = "model_load_error"
+    code = ErrorCode.MODEL_LOAD_ERROR
 
 
 class JobNotFound(PermanentError):
-    code = "job_not_found"
+    code = ErrorCode.JOB_NOT_FOUND
 
 
 class JobConflict(PermanentError):
     """Re-submitting a job id with different inputs or settings."""
 
-    code = "job_conflict"
+    code = ErrorCode.JOB_CONFLICT
 
 
 # --- item-level outcomes -------------------------------------------------------------------
 
 
 class ContextLengthExceeded(PermanentError):
-    code = "context_length_exceeded"
+    code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
 
 
 class GenerationError(PermanentError):
-    code = "generation_error"
+    code = ErrorCode.GENERATION_ERROR
 
 
 class WorkerLost(PermanentError):
     """The item kept killing the worker processes that took it."""
 
-    code = "worker_lost"
+    code = ErrorCode.WORKER_LOST
 
 
 class Cancelled(PermanentError):
-    code = "cancelled"
+    code = ErrorCode.CANCELLED
 
 
 class Expired(PermanentError):
-    code = "expired"
+    code = ErrorCode.EXPIRED
 
 
 # --- transient -----------------------------------------------------------------------------
@@ -134,16 +136,16 @@ class Expired(PermanentError):
 class OutOfMemory(TransientError):
     """CUDA OOM or MemoryError; the engine halves the micro-batch and retries."""
 
-    code = "out_of_memory"
+    code = ErrorCode.OUT_OF_MEMORY
 
 
 class StoreUnavailable(TransientError):
     """Redis could not be reached (after the client's own retries)."""
 
-    code = "store_unavailable"
+    code = ErrorCode.STORE_UNAVAILABLE
 
 
 class ShutdownRequested(TransientError):
     """The worker was asked to stop; the unfinished part of the chunk is handed back."""
 
-    code = "shutdown_requested"
+    code = ErrorCode.SHUTDOWN_REQUESTED

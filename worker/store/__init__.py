@@ -1,0 +1,1 @@
+from worker.store.jobs import *  # noqa: F403
