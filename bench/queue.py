@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import RedisServer, WorkerProcess, parse_events, run_genq
 from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
+from tests.cluster import RedisServer, WorkerProcess, parse_events, run_genq
 
 
 def run_engine_alone(profile_path: Path, items: list[Any], chunk_size: int) -> tuple[float, list[float], int]:

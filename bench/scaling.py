@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import RedisServer, WorkerProcess
 from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
+from tests.cluster import RedisServer, WorkerProcess
 
 
 def run_job(

@@ -1,24 +1,33 @@
-"""genq: submit, status, collect, cancel, retry, run, workers.
+"""genq: submit, status, collect, cancel, retry, delete, prune, workers, run.
 
 ``GENQ_BROKER_URL`` names the Redis used as broker and job store.  Without it, ``genq run`` works
-embedded, in one process.  Errors print one line naming what to fix and exit with status 2.
+embedded, in one process (and imports neither Redis' job store nor Celery).  Errors print one
+line naming what to fix and exit with status 2; an unreachable Redis is reported within seconds.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from worker.core.errors import GenqError
+from worker.core.errors import GenqError, InputError
 from worker.core.schema import GenParams
 from worker.core.settings import get_settings
+
+if TYPE_CHECKING:
+    from producer.client import Client, Job
+    from worker.core.schema import Item, ItemResult
+
+_current_job: list[str] = []
+"""The id of the job this command works on, once known (for the interrupt message)."""
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,9 +39,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"genq: error: {exc.message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(
-                "genq: interrupted (finished results are kept; run the same command to resume)", err=True
-            )
+            if _current_job and fn.__name__ == "submit":
+                job = _current_job[-1]
+                click.echo(
+                    f"genq: interrupted: job {job} is partial; run the same command to resume it, "
+                    f"or `genq delete {job}`",
+                    err=True,
+                )
+            else:
+                click.echo(
+                    "genq: interrupted (finished results are kept; run the same command to resume)", err=True
+                )
             sys.exit(130)
 
     return wrapper
@@ -57,8 +74,6 @@ def param_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def job_params(kw: dict[str, Any]) -> GenParams:
     from pydantic import ValidationError
 
-    from worker.core.errors import InputError
-
     values = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
     stop = kw.pop("stop")
     values["stop"] = list(stop) if stop else None
@@ -72,10 +87,22 @@ def job_params(kw: dict[str, Any]) -> GenParams:
         raise InputError(f"--{name.replace('_', '-')}: {problem.detail}", field=name) from None
 
 
-def client() -> Any:
+def client() -> Client:
     from producer.client import Client
 
     return Client()
+
+
+def announce(job_id: str) -> None:
+    """Say the job id (stderr) before anything is written."""
+    _current_job.append(job_id)
+    click.echo(f"job {job_id}", err=True)
+
+
+def waiting() -> None:
+    click.echo(
+        "another genq submit of this job is running: waiting for it to finish, then resuming", err=True
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +113,10 @@ def cli() -> None:
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--profile", required=True, help="Model profile (configs/NAME.yaml).")
-@click.option("--job-id", default=None, help="Job id; the same id again resumes instead of duplicating.")
+@click.option(
+    "--job-id", default=None, help="Job id (default: derived from FILE's content, profile and options)."
+)
+@click.option("--new", is_flag=True, help="A fresh job id even if this file was submitted before.")
 @click.option("--mode", default="any", show_default=True, help="any, nf4 or fp32: which workers may take it.")
 @click.option("--chunk-size", type=int, default=16, show_default=True, help="Items per task message.")
 @click.option("--expires-in", type=float, default=None, help="Seconds; items not done by then are expired.")
@@ -97,31 +127,36 @@ def submit(
     file: Path,
     profile: str,
     job_id: str | None,
+    new: bool,
     mode: str,
     chunk_size: int,
     expires_in: float | None,
     skip_invalid: bool,
     **kw: Any,
 ) -> None:
-    """Validate FILE, store it as a job and enqueue its chunks.  Prints the job id last."""
+    """Validate FILE, store it as a job and enqueue its chunks.  Prints the job id last.  The same
+    command again resumes an interrupted submit (or re-enqueues lost chunks), never duplicates."""
     system_prompt = kw.pop("system_prompt")
     params = job_params(kw)
     job = client().submit(
         file,
         profile=profile,
         job_id=job_id,
+        new=new,
         mode=mode,
         chunk_size=chunk_size,
         params=params,
         system_prompt=system_prompt,
         expires_in=expires_in,
         skip_invalid=skip_invalid,
+        on_job_id=announce,
+        on_wait=waiting,
     )
     state = job.status()
     verb = "resumed" if job.resumed else "submitted"
     click.echo(
-        f"{verb} {state.counts.total} items in {job.enqueued} chunks "
-        f"({state.counts.pending} pending) to genq.{state.spec.profile}.{state.spec.mode}",
+        f"{verb} {state.counts.total} items in {job.enqueued} chunks ({state.counts.pending} pending) "
+        f"to genq.{state.spec.profile}.{state.spec.mode}",
         err=True,
     )
     click.echo(job.id)
@@ -134,21 +169,26 @@ def submit(
 @click.option("--limit", type=int, default=20, show_default=True, help="Jobs listed with no JOB.")
 @handle_errors
 def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
-    """Counts, tokens, throughput, ETA and workers of JOB; recent jobs with no JOB."""
-    from producer.progress import summary_line
-    from producer.progress import watch as watch_job
+    """Counts, tokens, throughput, ETA and workers of JOB.  With no JOB: recent jobs, partial,
+    stale and finished, with what each takes in Redis."""
+    from producer.progress import follow, summary_line
 
     c = client()
     if job_id is None:
-        states = c.jobs(limit)
+        states = c.jobs(limit, sizes=True)
         if as_json:
             click.echo(json.dumps([s.as_dict() for s in states]))
-        else:
-            for s in states:
-                click.echo(summary_line(s))
+            return
+        for s in states:
+            size = f"{(s.redis_bytes or 0) / 1e6:.1f} MB"
+            click.echo(f"{summary_line(s)}  [{size} in Redis]")
         return
     job = c.job(job_id)
-    state = watch_job(job.status) if watch else job.status()
+    if watch:
+        with c.store.events(job_id) as events:
+            state = follow(job.status, pause=events.pause)
+    else:
+        state = job.status()
     if as_json:
         click.echo(json.dumps(state.as_dict()))
     else:
@@ -157,24 +197,27 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
             click.echo(f"  {name}: {stats.get('items', 0)} items, {stats.get('tokens', 0)} tokens")
 
 
-def write_collected(job: Any, output: Path, fmt: str, include_unfinished: bool) -> tuple[int, int]:
+def write_collected(job: Job, output: Path, fmt: str, include_unfinished: bool) -> tuple[int, int, int]:
+    """Write the job's results (input order, streamed); returns (written, pending, ended)."""
+    from worker.core.counting import NOT_RUN_CODES
     from worker.core.outputs import write_results
 
-    pending = 0
+    counts = {"pending": 0, "ended": 0}
     spec = job.client.store.spec(job.id)
 
-    def rows() -> Any:
-        nonlocal pending
+    def rows() -> Iterator[tuple[ItemResult, Item]]:
         for _index, result, item in job.pairs():
             if result is None:
-                pending += 1
+                counts["pending"] += 1
                 continue
-            if not include_unfinished and result.error_type in ("cancelled", "expired"):
-                continue
+            if result.error_type in NOT_RUN_CODES:
+                counts["ended"] += 1
+                if not include_unfinished:
+                    continue
             yield result, item
 
     written = write_results(rows(), output, fmt, model=spec.profile)  # type: ignore[arg-type]
-    return written, pending
+    return written, counts["pending"], counts["ended"]
 
 
 @cli.command()
@@ -187,10 +230,16 @@ def write_collected(job: Any, output: Path, fmt: str, include_unfinished: bool) 
 @handle_errors
 def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool) -> None:
     """Write JOB's results in input order, each item once (finished ones; says what is pending)."""
+    from worker.core.outputs import check_output_path
+
+    check_output_path(output)
     job = client().job(job_id)
-    written, pending = write_collected(job, output, fmt, include_unfinished)
+    written, pending, ended = write_collected(job, output, fmt, include_unfinished)
     state = job.status()
-    click.echo(f"wrote {written} results to {output}; {pending} pending; status {state.status}", err=True)
+    left_out = "" if include_unfinished or not ended else f"{ended} cancelled/expired left out (--all); "
+    click.echo(
+        f"wrote {written} results to {output}; {left_out}{pending} pending; status {state.status}", err=True
+    )
 
 
 @cli.command()
@@ -199,16 +248,66 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool) -> No
 def cancel(job_id: str) -> None:
     """Cancel JOB: pending chunks are skipped, running micro-batches finish."""
     state = client().job(job_id).cancel()
-    click.echo(json.dumps({"job_id": job_id, "status": state.status, "counts": state.counts.as_dict()}))
+    # while chunks in flight finish, the items they will not reach are counted at the job's end
+    to_cancel = state.counts.pending if state.status == "cancelling" else state.counts.cancelled
+    reply = {
+        "job_id": job_id,
+        "status": str(state.status),
+        "counts": state.counts.as_dict(),
+        "cancelling": to_cancel,
+    }
+    click.echo(json.dumps(reply))
 
 
 @cli.command()
 @click.argument("job_id")
+@click.option(
+    "--all-errors", is_flag=True, help="Also items whose error is permanent (invalid input, too long)."
+)
 @handle_errors
-def retry(job_id: str) -> None:
-    """Run JOB's errored items again."""
-    n = client().job(job_id).retry()
+def retry(job_id: str, all_errors: bool) -> None:
+    """Run JOB's errored items again: those whose error may pass next time (worker_lost,
+    out_of_memory, generation_error); invalid_input and context_length_exceeded only with
+    --all-errors."""
+    n = client().job(job_id).retry(all_errors=all_errors)
     click.echo(f"re-enqueued {n} errored items of {job_id}", err=True)
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@handle_errors
+def delete(job_ids: tuple[str, ...]) -> None:
+    """Remove every key of each JOB from Redis and its waiting messages from the queues."""
+    c = client()
+    for job_id in job_ids:
+        gone = c.delete(job_id)
+        click.echo(f"deleted {job_id}: {gone.keys} keys, {gone.messages} waiting messages", err=True)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise InputError(
+            f"--older-than {text!r}: give a number with s, m, h, d or w (e.g. 7d)", field="older_than"
+        )
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+@cli.command()
+@click.option("--older-than", default="7d", show_default=True, help="Age: 30m, 12h, 7d, 2w ...")
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@handle_errors
+def prune(older_than: str, dry_run: bool) -> None:
+    """Delete finished jobs that ended, and partial submits last touched, before --older-than."""
+    found = client().prune(parse_duration(older_than), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for state in found:
+        click.echo(f"{verb} {state.spec.job_id} ({state.label})", err=True)
+    click.echo(f"{verb} {len(found)} jobs", err=True)
 
 
 @cli.command()
@@ -253,34 +352,34 @@ def run(
     **kw: Any,
 ) -> None:
     """Submit FILE, follow it with a progress bar and write OUTPUT.  Without GENQ_BROKER_URL it runs
-    embedded, in this process; run it again to resume from what OUTPUT holds."""
+    embedded, in this process; run it again to resume: rows of OUTPUT that answer FILE's requests
+    are kept, items whose request changed are generated again."""
+    from worker.core.outputs import check_output_path
+
+    check_output_path(output, inputs=[file])
     system_prompt = kw.pop("system_prompt")
     params = job_params(kw)
-    if get_settings().broker:
-        c = client()
-        job = c.submit(
-            file,
-            profile=profile,
-            job_id=job_id or _stable_job_id(file, profile),
-            mode=mode or "any",
-            chunk_size=chunk_size,
-            params=params,
-            system_prompt=system_prompt,
-            skip_invalid=skip_invalid,
+    if not get_settings().broker:
+        _run_embedded(
+            file, output, profile, mode or "auto", chunk_size, fmt, skip_invalid, params, system_prompt
         )
-        click.echo(f"job {job.id}", err=True)
-        job.wait(progress=True)
-        written, _pending = write_collected(job, output, fmt, include_unfinished=False)
-        click.echo(f"wrote {written} results to {output}", err=True)
         return
-    _run_embedded(file, output, profile, mode or "auto", chunk_size, fmt, skip_invalid, params, system_prompt)
-
-
-def _stable_job_id(file: Path, profile: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(f"{file.resolve()}|{profile}".encode()).hexdigest()[:10]
-    return f"run-{file.stem[:40]}-{digest}"
+    c = client()
+    job = c.submit(
+        file,
+        profile=profile,
+        job_id=job_id,
+        mode=mode or "any",
+        chunk_size=chunk_size,
+        params=params,
+        system_prompt=system_prompt,
+        skip_invalid=skip_invalid,
+        on_job_id=announce,
+        on_wait=waiting,
+    )
+    job.wait(progress=True)
+    written, _pending, _ended = write_collected(job, output, fmt, include_unfinished=False)
+    click.echo(f"wrote {written} results to {output}", err=True)
 
 
 def _run_embedded(
@@ -294,81 +393,53 @@ def _run_embedded(
     params: GenParams,
     system_prompt: str | None,
 ) -> None:
-    from producer.client import check_params, input_digest, read_source
-    from worker.core.errors import InputError
+    from producer.inputs import InputLimits, read_items
+    from producer.options import SubmitOptions, derived_job_id
+    from producer.progress import ProgressBar
     from worker.core.logs import configure
     from worker.core.profiles import load_profile
     from worker.core.schema import JobSpec
-    from worker.embedded import run_embedded
+    from worker.core.states import LoadMode
+    from worker.local import run_embedded
 
-    if mode not in ("auto", "nf4", "fp32"):
+    if mode not in tuple(LoadMode):
         raise InputError(f"unknown mode {mode!r} for an embedded run: choose auto, nf4 or fp32", field="mode")
     configure()
-    prof = load_profile(profile)
-    check_params(params, prof)
-    read = read_source(file, prof, skip_invalid=skip_invalid)
+    options = SubmitOptions(
+        profile=load_profile(profile),
+        chunk_size=chunk_size,
+        params=params,
+        system_prompt=system_prompt,
+        skip_invalid=skip_invalid,
+    )
+    options.check()
+    read = read_items(
+        file,
+        skip_invalid=skip_invalid,
+        limits=InputLimits(max_new_tokens=options.profile.limits.max_new_tokens),
+    )
     spec = JobSpec(
-        job_id=_stable_job_id(file, prof.name),
-        profile=prof.name,
+        job_id=derived_job_id(file, options),
+        profile=options.profile.name,
         chunk_size=chunk_size,
         total=len(read.items),
         defaults=params,
         system_prompt=system_prompt,
-        input_digest=input_digest(read.items, prof.name, params, system_prompt),
         source=str(file),
     )
     started = time.monotonic()
-    bar = _EmbeddedBar(len(read.items))
+    bar = ProgressBar()
     try:
         report = run_embedded(spec, read.items, output, fmt=fmt, mode=mode, on_progress=bar.update)  # type: ignore[arg-type]
     finally:
         bar.close()
     c = report.counts
+    changed = f", {report.changed} regenerated because their request changed" if report.changed else ""
     click.echo(
-        f"done: {c.succeeded} ok, {c.errored} errors, {report.resumed} resumed from {output}; "
+        f"done: {c.succeeded} ok, {c.errored} errors, {report.resumed} resumed from {output}{changed}; "
         f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode})",
         err=True,
     )
-
-
-class _EmbeddedBar:
-    """A rich progress bar on a terminal; a line every few seconds otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.progress: Any = None
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]generating"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} tok/s"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.task = self.progress.add_task("run", total=total, rate="0.0")
-            self.progress.start()
-
-    def update(self, p: Any) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=p.done, rate=f"{p.tokens_per_second:.1f}")
-            return
-        now = time.monotonic()
-        if now - self.last >= 5 or p.done == p.total:
-            self.last = now
-            print(
-                f"{p.done}/{p.total} items, {p.errored} errors, {p.tokens_per_second:.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def main() -> None:

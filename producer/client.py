@@ -11,81 +11,71 @@ for result in job.results():
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from producer.inputs import InputLimits, ReadResult, items_from_records, read_items
+from producer.options import SubmitOptions, derived_job_id, new_job_id
+from producer.submit import Source, SubmitReport, Submitter
+from worker.chunks import make_chunks
 from worker.core.errors import ConfigError, InputError
-from worker.core.profiles import Profile, load_profile
-from worker.core.schema import GenParams, Item, ItemResult, JobSpec
+from worker.core.jobstate import JobState
+from worker.core.profiles import load_profile
+from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
 from worker.core.settings import Settings, get_settings
-from worker.core.states import QueueMode
-from worker.store import JobState, RedisStore
+from worker.core.states import ErrorCode, JobStatus, QueueMode
+from worker.store import RedisStore
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 DEFAULT_CHUNK_SIZE = 16
 
-
-def new_job_id() -> str:
-    return time.strftime("j%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
-
-
-def input_digest(items: Iterable[Item], profile: str, params: GenParams, system_prompt: str | None) -> str:
-    h = hashlib.sha256()
-    h.update(profile.encode())
-    h.update(params.model_dump_json().encode())
-    h.update((system_prompt or "").encode())
-    for item in items:
-        h.update(item.model_dump_json().encode())
-    return h.hexdigest()
+ENDED_MESSAGES = {
+    ErrorCode.CANCELLED: "the job was cancelled before this item ran",
+    ErrorCode.EXPIRED: "the job expired before this item ran",
+}
 
 
-def make_chunks(total: int, size: int, prefix: str = "c") -> dict[str, list[int]]:
-    return {
-        f"{prefix}{n:06d}": list(range(s, min(s + size, total))) for n, s in enumerate(range(0, total, size))
-    }
-
-
-def check_params(params: GenParams, profile: Profile) -> None:
-    limit = profile.limits.max_new_tokens
-    if params.max_new_tokens is not None and params.max_new_tokens > limit:
-        raise InputError(
-            f"max_new_tokens {params.max_new_tokens} is above the profile's limit of {limit}",
-            field="max_new_tokens",
-        )
-
-
-def read_source(
-    source: str | os.PathLike[str] | Iterable[Mapping[str, Any]], profile: Profile, *, skip_invalid: bool
-) -> ReadResult:
-    limits = InputLimits(max_new_tokens=profile.limits.max_new_tokens)
-    if isinstance(source, str | os.PathLike):
-        return read_items(source, skip_invalid=skip_invalid, limits=limits)
-    return items_from_records(source, skip_invalid=skip_invalid, limits=limits)
+def ended_result(item: Item, status: JobStatus) -> ItemResult:
+    """The result of an item the job's end left without one (cancelled and expired items are
+    stored as a count, not a row each)."""
+    code = ErrorCode.EXPIRED if status == JobStatus.EXPIRED else ErrorCode.CANCELLED
+    return error_result(item, ErrorInfo(type=code, message=ENDED_MESSAGES[code]), attempts=0)
 
 
 class Job:
     """A handle on a submitted job."""
 
-    def __init__(self, client: Client, job_id: str, *, resumed: bool = False, enqueued: int = 0) -> None:
+    def __init__(self, client: Client, job_id: str, report: SubmitReport | None = None) -> None:
         self.client = client
         self.id = job_id
-        self.resumed = resumed
-        self.enqueued = enqueued
+        self.report = report
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
 
+    @property
+    def resumed(self) -> bool:
+        return bool(self.report and self.report.resumed)
+
+    @property
+    def enqueued(self) -> int:
+        return self.report.enqueued if self.report else 0
+
     def status(self) -> JobState:
-        self.client.store.expire_if_due(self.id)
-        return self.client.store.state(self.id)
+        store = self.client.store
+        store.expire_if_due(self.id)
+        state = store.state(self.id)
+        if state.status == JobStatus.CANCELLING and state.live_chunks == 0:
+            store.settle(self.id)  # the workers that held its chunks died: end it now
+            state = store.state(self.id)
+        return state
 
     def wait(
         self,
@@ -98,61 +88,63 @@ class Job:
         """Block until the job is completed, cancelled or expired (or ``timeout`` passes).  The
         status is read every ``poll`` seconds (for ``on_update`` and the progress display); the
         job's end is seen at once, whatever ``poll`` is."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.client.store.events(self.id) as events:  # the end wakes us at once
-            if progress:
-                from producer.progress import watch
+        from producer.progress import follow
 
-                return watch(self.status, poll=poll, timeout=timeout, pause=events.pause)
-            while True:
-                state = self.status()
-                if on_update:
-                    on_update(state)
-                if state.final:
-                    return state
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.id} is still {state.status} after {timeout} s")
-                events.pause(poll)
+        with self.client.store.events(self.id) as events:  # the end wakes us at once
+            return follow(
+                self.status, poll=poll, timeout=timeout, pause=events.pause, bar=progress, on_update=on_update
+            )
+
+    def pairs(self) -> Iterator[tuple[int, ItemResult | None, Item]]:
+        """``(index, result or None, item)`` in input order, a page at a time.  Items the job's
+        cancel or expiry left without a result come with a ``cancelled``/``expired`` result."""
+        store = self.client.store
+        total = store.spec(self.id).total
+        status = store.status(self.id)
+        ended = status in (JobStatus.CANCELLED, JobStatus.EXPIRED)
+        items = store.all_items(self.id, total)
+        for (index, result), item in zip(store.results(self.id, total), items, strict=True):
+            if result is None and ended and status is not None:
+                result = ended_result(item, status)
+            yield index, result, item
 
     def results(self) -> Iterator[ItemResult]:
         """Finished results in input order, each item once (pending items are left out)."""
-        for _index, result in self.client.store.results(self.id):
+        for _index, result, _item in self.pairs():
             if result is not None:
                 yield result
-
-    def pairs(self) -> Iterator[tuple[int, ItemResult | None, Item]]:
-        """``(index, result or None, item)`` in input order (for writers that need the input)."""
-        store = self.client.store
-        total = store.spec(self.id).total
-        items = store.all_items(self.id, total)
-        for (index, result), item in zip(store.results(self.id, total), items, strict=True):
-            yield index, result, item
 
     def cancel(self) -> JobState:
         return self.client.store.request_cancel(self.id)
 
-    def retry(self) -> int:
-        """Run errored items again (not cancelled or expired ones).  Returns how many."""
+    def retry(self, *, all_errors: bool = False) -> int:
+        """Run errored items again: those whose error may pass next time (``worker_lost``,
+        ``out_of_memory``, ``generation_error``), or every error with ``all_errors``.  Cancelled
+        and expired items are not errors.  Returns how many items were re-enqueued."""
         store = self.client.store
         spec = store.spec(self.id)
-        indices = [
-            i
-            for i, r in store.results(self.id)
-            if r is not None and not r.ok and r.error_type not in ("cancelled", "expired")
-        ]
-        if not indices:
+        entries = sorted(store.retryable(self.id, all_errors=all_errors))
+        if not entries:
             return 0
-        store.forget(self.id, indices)
-        round_no = int(time.time())
-        chunks = make_chunks(len(indices), spec.chunk_size, prefix=f"r{round_no}-")
-        chunks = {cid: [indices[i] for i in local] for cid, local in chunks.items()}
-        store.add_chunks(self.id, chunks)
+        store.forget(self.id, entries)
+        indices = [index for index, _, _ in entries]
+        chunks = store.add_chunks(
+            self.id, make_chunks(indices, spec.chunk_size, prefix=f"r{int(time.time())}-")
+        )
         self.client.publish(spec, chunks)
         return len(indices)
 
 
+@dataclass
+class Deleted:
+    job_id: str
+    keys: int
+    messages: int
+
+
 class Client:
-    """Submit and follow jobs.  ``url`` defaults to ``GENQ_BROKER_URL``."""
+    """Submit and follow jobs.  ``url`` defaults to ``GENQ_BROKER_URL``.  Fails within seconds,
+    naming the URL (password hidden) and what to check, when Redis cannot be reached."""
 
     def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
         base = settings or get_settings()
@@ -164,24 +156,31 @@ class Client:
                 "no broker: pass a Redis URL or set GENQ_BROKER_URL (or use `genq run`, embedded)"
             )
         self.store = RedisStore(settings=self.settings)
-        self._app: Any = None
+        self.store.check()
+        self._app: Celery | None = None
 
     @property
-    def app(self) -> Any:
+    def app(self) -> Celery:
         if self._app is None:
-            from worker.app import make_app
+            from worker.queue.app import make_app
 
             self._app = make_app(self.settings)
         return self._app
 
     def publish(self, spec: JobSpec, chunks: dict[str, list[int]]) -> int:
-        from worker.app import publish_chunks
+        from worker.queue.publish import publish_chunks
 
         return publish_chunks(spec, chunks, self.app)
 
+    def live_messages(self, spec: JobSpec) -> set[str]:
+        from worker.queue.messages import message_ids
+        from worker.queue.routing import queue_name
+
+        return message_ids(self.store.r, [queue_name(spec.profile, spec.mode)])
+
     def submit(
         self,
-        source: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+        source: Source,
         *,
         profile: str,
         job_id: str | None = None,
@@ -191,76 +190,70 @@ class Client:
         system_prompt: str | None = None,
         expires_in: float | None = None,
         skip_invalid: bool = False,
+        new: bool = False,
+        on_job_id: Callable[[str], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> Job:
-        """Validate everything, store the job, enqueue its chunks.  Nothing is enqueued when the
-        input has an error (unless ``skip_invalid``).  The same ``job_id`` again resumes."""
-        prof = load_profile(profile, self.settings)
+        """Validate and store the input, then enqueue its chunks (see :mod:`producer.submit`).
+        Nothing is enqueued when the input has an error (unless ``skip_invalid``).  Without
+        ``job_id`` a file gets an id derived from its content, profile and parameters (the same
+        command resumes the same job; ``new`` makes a fresh one); records get a fresh id.
+        ``on_job_id`` hears the id before anything is written."""
         if mode not in tuple(QueueMode):
             raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
-        if chunk_size < 1:
-            raise InputError("chunk size must be at least 1", field="chunk_size")
-        if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
-            raise InputError(
-                f"--expires-in must be a positive number of seconds, got {expires_in}", field="expires_in"
-            )
-        params = params or GenParams()
-        check_params(params, prof)
-        read = read_source(source, prof, skip_invalid=skip_invalid)
-        items = read.items
-        spec = JobSpec(
-            job_id=job_id or new_job_id(),
-            profile=prof.name,
+        options = SubmitOptions(
+            profile=load_profile(profile, self.settings),
             mode=QueueMode(mode),
             chunk_size=chunk_size,
-            total=len(items),
-            defaults=params,
+            params=params or GenParams(),
             system_prompt=system_prompt,
-            expires_at=(time.time() + expires_in) if expires_in is not None else None,
-            input_digest=input_digest(items, prof.name, params, system_prompt),
-            source=str(source) if isinstance(source, str | os.PathLike) else None,
+            expires_in=expires_in,
+            skip_invalid=skip_invalid,
         )
-        chunks = make_chunks(len(items), chunk_size)
-        if self.store.create_job(spec, items, chunks):
-            self._record_invalid(spec, items)
-            todo = {cid: idx for cid, idx in chunks.items() if not all(items[i].invalid for i in idx)}
-            return Job(self, spec.job_id, enqueued=self.publish(spec, todo))
-        return Job(self, spec.job_id, resumed=True, enqueued=self._resume(spec.job_id))
-
-    def _record_invalid(self, spec: JobSpec, items: list[Item]) -> None:
-        from worker.core.schema import error_result
-
-        bad = [error_result(it, it.invalid, profile=spec.profile, attempts=0) for it in items if it.invalid]
-        for start in range(0, len(bad), 1000):
-            self.store.record(spec.job_id, bad[start : start + 1000])
-
-    def _resume(self, job_id: str) -> int:
-        """Re-enqueue the chunks that still have pending items and whose message is gone."""
-        from worker.app import queue_name
-        from worker.core.schema import task_id
-
-        state = self.store.state(job_id)
-        if state.final:
-            return 0
-        spec = state.spec
-        live = self.store.message_ids([queue_name(spec.profile, spec.mode)])
-        todo: dict[str, list[int]] = {}
-        for cid, chunk in self.store.chunks(job_id).items():
-            if chunk.get("split") or task_id(job_id, cid) in live:
-                continue
-            pending = self.store.pending_indices(job_id, chunk["indices"])
-            if pending:
-                todo[cid] = pending
-        return self.publish(spec, todo) if todo else 0
+        options.check()
+        if job_id is None:
+            is_file = isinstance(source, str | os.PathLike)
+            job_id = derived_job_id(source, options) if is_file and not new else new_job_id()  # type: ignore[arg-type]
+        if on_job_id is not None:
+            on_job_id(job_id)
+        report = Submitter(self.store, self.publish, self.live_messages, options).submit(
+            source, job_id, on_wait=on_wait
+        )
+        return Job(self, job_id, report)
 
     def job(self, job_id: str) -> Job:
         self.store.spec(job_id)  # raises JobNotFound
         return Job(self, job_id)
 
-    def jobs(self, limit: int = 20) -> list[JobState]:
-        return self.store.list_jobs(limit)
+    def jobs(self, limit: int = 20, *, sizes: bool = False) -> list[JobState]:
+        return self.store.list_jobs(limit, sizes=sizes)
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[dict[str, object]]:
         return self.store.workers()
+
+    def delete(self, job_id: str) -> Deleted:
+        """Remove every key of the job and its waiting messages (a worker holding one of its
+        chunks finds the job gone and drops it)."""
+        from worker.queue.messages import drain
+        from worker.queue.routing import queue_name
+
+        try:
+            spec: JobSpec | None = self.store.spec(job_id)
+        except Exception:
+            spec = None
+        queues = [queue_name(spec.profile, m) for m in QueueMode] if spec else []
+        keys = self.store.delete(job_id)
+        messages = drain(self.store.r, queues, job_id) if queues else 0
+        return Deleted(job_id, keys, messages)
+
+    def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:
+        """Delete jobs that finished (or partial jobs last touched) more than ``older_than``
+        seconds ago; returns them."""
+        found = self.store.prunable(older_than)
+        if not dry_run:
+            for state in found:
+                self.delete(state.spec.job_id)
+        return found
 
 
 def default_output(path: str | os.PathLike[str]) -> Path:

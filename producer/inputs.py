@@ -40,10 +40,20 @@ from typing import IO, Any, Literal, NoReturn
 
 from pydantic import ValidationError
 
+from producer.ids import IdIndex
 from worker.core.errors import InputError
 from worker.core.schema import MAX_ID_LENGTH, PARAM_FIELDS, ErrorInfo, GenParams, Item, Message
 
-__all__ = ["InputFormat", "InputLimits", "ReadResult", "items_from_records", "read_items"]
+__all__ = [
+    "InputFormat",
+    "InputLimits",
+    "ItemStream",
+    "ReadResult",
+    "items_from_records",
+    "read_items",
+    "stream_items",
+    "stream_records",
+]
 
 InputFormat = Literal["native", "openai"]
 
@@ -103,32 +113,41 @@ class ReadResult:
 # --- public entry points -------------------------------------------------------------------
 
 
+def stream_items(
+    path: str | os.PathLike[str],
+    *,
+    skip_invalid: bool = False,
+    limits: InputLimits = InputLimits(),
+) -> ItemStream:
+    """Validated items of a JSONL file, one at a time, in input order (memory stays flat: about
+    12 bytes an item for duplicate detection).  Iterating raises :class:`InputError` for the
+    first bad line (unless ``skip_invalid``), for a file that cannot be read, and, at the end,
+    for a file without any item."""
+    source = _safe(os.fspath(path))
+    return ItemStream(_Collector(source, skip_invalid, limits), _file_lines(path, source, limits))
+
+
+def stream_records(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    skip_invalid: bool = False,
+    limits: InputLimits = InputLimits(),
+    source: str = "<records>",
+) -> ItemStream:
+    """Validated items of records given as dicts (the Python API); ``line`` is the 1-based
+    position of the record."""
+    collector = _Collector(_safe(source), skip_invalid, limits)
+    return ItemStream(collector, ((n, record, False) for n, record in enumerate(records, start=1)))
+
+
 def read_items(
     path: str | os.PathLike[str],
     *,
     skip_invalid: bool = False,
     limits: InputLimits = InputLimits(),
 ) -> ReadResult:
-    """Read and validate a whole JSONL file.
-
-    Raises :class:`InputError` for the first bad line (unless ``skip_invalid``), for a file that
-    cannot be read, and for a file without any item.
-    """
-    source = _safe(os.fspath(path))
-    collector = _Collector(source, skip_invalid, limits)
-    try:
-        with open(path, "rb") as fh:
-            for n, content in _lines(fh, limits.max_line_bytes):
-                collector.add_line(n, content)
-    except FileNotFoundError:
-        raise InputError("file not found", source=source) from None
-    except IsADirectoryError:
-        raise InputError("is a directory, not a JSONL file", source=source) from None
-    except PermissionError:
-        raise InputError("permission denied", source=source) from None
-    except OSError as exc:
-        raise InputError(f"cannot be read: {exc.strerror or exc}", source=source) from None
-    return collector.result()
+    """Read and validate a whole JSONL file into memory (see :func:`stream_items`)."""
+    return stream_items(path, skip_invalid=skip_invalid, limits=limits).read()
 
 
 def items_from_records(
@@ -138,11 +157,59 @@ def items_from_records(
     limits: InputLimits = InputLimits(),
     source: str = "<records>",
 ) -> ReadResult:
-    """Validate records given as dicts (the Python API).  ``line`` is the 1-based position."""
-    collector = _Collector(_safe(source), skip_invalid, limits)
-    for n, record in enumerate(records, start=1):
-        collector.add_record(n, record)
-    return collector.result()
+    """Validate records given as dicts into memory (see :func:`stream_records`)."""
+    return stream_records(records, skip_invalid=skip_invalid, limits=limits, source=source).read()
+
+
+class ItemStream:
+    """Items in input order; :attr:`format` and :attr:`invalid` fill in as it is read."""
+
+    def __init__(self, collector: _Collector, lines: Iterator[tuple[int, object, bool]]) -> None:
+        self._collector = collector
+        self._lines = lines
+
+    @property
+    def format(self) -> InputFormat:
+        return self._collector.format or "native"
+
+    @property
+    def invalid(self) -> list[InputError]:
+        return self._collector.invalid
+
+    @property
+    def count(self) -> int:
+        """Items yielded so far."""
+        return self._collector.count
+
+    def __iter__(self) -> Iterator[Item]:
+        collector = self._collector
+        for n, content, raw in self._lines:
+            item = collector.add_line(n, content) if raw else collector.add_record(n, content)  # type: ignore[arg-type]
+            if item is not None:
+                yield item
+        if not collector.count:
+            raise InputError("no items", source=collector.source)
+
+    def read(self) -> ReadResult:
+        items = list(self)
+        return ReadResult(items=items, format=self.format, invalid=self.invalid)
+
+
+def _file_lines(
+    path: str | os.PathLike[str], source: str, limits: InputLimits
+) -> Iterator[tuple[int, object, bool]]:
+    try:
+        with open(path, "rb") as fh:
+            for n, content in _lines(fh, limits.max_line_bytes):
+                yield n, content, True
+    except FileNotFoundError:
+        raise InputError("file not found", source=source) from None
+    except IsADirectoryError:
+        raise InputError("is a directory, not a JSONL file", source=source) from None
+    except PermissionError:
+        raise InputError("permission denied", source=source) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read: {exc.strerror or exc}", source=source) from None
 
 
 # --- reading lines -------------------------------------------------------------------------
@@ -234,43 +301,41 @@ class _Fields:
 
 
 class _Collector:
-    """Accumulates items in order, keeps ids unique and applies the skip-invalid policy."""
+    """Validates items in order, keeps ids unique and applies the skip-invalid policy."""
+
+    MAX_KEPT_ERRORS = 1000
+    """Errors of skipped lines kept for the report (all of them are recorded as items)."""
 
     def __init__(self, source: str, skip_invalid: bool, limits: InputLimits) -> None:
         self.source = source
         self.skip_invalid = skip_invalid
         self.limits = limits
-        self.items: list[Item] = []
+        self.count = 0
         self.invalid: list[InputError] = []
+        self.invalid_count = 0
         self.format: InputFormat | None = None
         self.format_line = 0
-        self.seen: dict[str, int] = {}
+        self.seen = IdIndex()
 
-    def add_line(self, n: int, content: bytes | None) -> None:
+    def add_line(self, n: int, content: bytes | None) -> Item | None:
         if content is not None and not content.strip():
-            return
+            return None
         try:
             if content is None:
                 raise _Problem(f"line is longer than {self.limits.max_line_bytes} bytes")
             record = _parse_line(content)
         except _Problem as problem:
-            self._reject(n, problem, None)
-            return
-        self.add_record(n, record)
+            return self._reject(n, problem, None)
+        return self.add_record(n, record)
 
-    def add_record(self, n: int, record: object) -> None:
+    def add_record(self, n: int, record: object) -> Item:
         try:
             item = self._build(n, record)
         except _Problem as problem:
-            self._reject(n, problem, record)
-            return
-        self.items.append(item)
-        self.seen[item.id] = n
-
-    def result(self) -> ReadResult:
-        if not self.items:
-            raise InputError("no items", source=self.source)
-        return ReadResult(items=self.items, format=self.format or "native", invalid=self.invalid)
+            return self._reject(n, problem, record)
+        self.count += 1
+        self.seen.add(item.id, n)
+        return item
 
     def _build(self, n: int, record: object) -> Item:
         if not isinstance(record, Mapping):
@@ -278,14 +343,13 @@ class _Collector:
         fmt = self._format_of(n, record)
         fields = _native(record, self.limits) if fmt == "native" else _openai(record, self.limits)
         item_id = fields.id if fields.id is not None else f"line-{n}"
-        if item_id in self.seen:
+        earlier = self.seen.line_of(item_id)
+        if earlier is not None:
             id_field = "id" if fmt == "native" else "custom_id"
-            raise _Problem(
-                f"duplicate id {_show(item_id)}: line {self.seen[item_id]} has the same id", id_field
-            )
+            raise _Problem(f"duplicate id {_show(item_id)}: line {earlier} has the same id", id_field)
         try:
             return Item(
-                index=len(self.items),
+                index=self.count,
                 id=item_id,
                 line=n,
                 prompt=fields.prompt,
@@ -308,22 +372,26 @@ class _Collector:
             )
         return self.format
 
-    def _reject(self, n: int, problem: _Problem, record: object) -> None:
+    def _reject(self, n: int, problem: _Problem, record: object) -> Item:
         error = InputError(problem.detail, line=n, field=problem.field, source=self.source)
         if not self.skip_invalid:
             raise error from None
         item_id = self._unique_id(_readable_id(record), n)
         where = f"line {n}" + (f", field '{problem.field}'" if problem.field else "")
         info = ErrorInfo(type=error.code, message=f"{where}: {problem.detail}")
-        self.items.append(Item(index=len(self.items), id=item_id, line=n, invalid=info))
-        self.seen[item_id] = n
-        self.invalid.append(error)
+        item = Item(index=self.count, id=item_id, line=n, invalid=info)
+        self.count += 1
+        self.seen.add(item_id, n)
+        self.invalid_count += 1
+        if len(self.invalid) < self.MAX_KEPT_ERRORS:
+            self.invalid.append(error)
+        return item
 
     def _unique_id(self, preferred: str | None, n: int) -> str:
-        if preferred is not None and preferred not in self.seen:
+        if preferred is not None and self.seen.line_of(preferred) is None:
             return preferred
         candidate, k = f"line-{n}", 1
-        while candidate in self.seen:
+        while self.seen.line_of(candidate) is not None:
             k += 1
             candidate = f"line-{n}-{k}"
         return candidate

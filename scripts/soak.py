@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cluster import (
+from tests.cluster import (
     RedisServer,
     WorkerProcess,
     final_status,

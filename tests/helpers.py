@@ -1,14 +1,55 @@
-"""Test helpers: the local cluster harness (real redis-server, real worker processes) lives in
-bench/cluster.py so the benchmarks drive exactly what the tests drive."""
+"""Test helpers shared by test modules (test modules never import each other).  The local
+cluster harness (real redis-server, real worker processes) is tests/cluster.py; the benchmarks
+drive it too."""
 
-from bench.cluster import (
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import (
     REPO,
     RedisServer,
     WorkerProcess,
     env_for,
     free_port,
+    run_genq,
     wait_for,
     write_prompts,
 )
 
-__all__ = ["REPO", "RedisServer", "WorkerProcess", "env_for", "free_port", "wait_for", "write_prompts"]
+__all__ = [
+    "REPO",
+    "RedisServer",
+    "WorkerProcess",
+    "env_for",
+    "free_port",
+    "genq",
+    "make_job",
+    "rows",
+    "wait_for",
+    "write_prompts",
+]
+
+
+def genq(
+    redis_url: str | None, *args: str, check: bool = True, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``genq ARGS`` in a subprocess against ``redis_url`` (None: embedded), extra env vars."""
+    return run_genq(redis_url, *args, env=extra, check=check)
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_job(store: Any, spec: Any, items: Sequence[Any]) -> None:
+    """Store a job straight through the store's submit steps (for jobs no producer would make,
+    such as one naming a profile that no file on this machine describes)."""
+    store.begin(spec.model_copy(update={"total": 0}))
+    store.write_inputs(spec.job_id, [(it.index, it.model_dump_json()) for it in items])
+    store.complete_inputs(spec)
+    store.finish_submit(spec.job_id)

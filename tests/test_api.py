@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from producer import Client
-from tests.helpers import RedisServer, WorkerProcess
-from tests.test_pipeline import genq, rows
+from tests.helpers import RedisServer, WorkerProcess, genq, rows
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +114,17 @@ def test_collect_mid_job_writes_the_finished_part(tmp_path: Path) -> None:
 def test_wait_wakes_when_the_job_ends_not_at_its_next_poll(redis_server: RedisServer) -> None:
     """The store publishes a job's final status; `Job.wait` subscribes before its first read, so
     it returns as soon as the job ends even with a 60 s poll (here the items are closed from a
-    second thread a second after the wait began, as a worker finishing the job would)."""
+    second thread a second after the wait began: no worker runs it, so the cancel ends it)."""
     client = Client(redis_server.url)
     job = client.submit(
         [{"id": "a", "prompt": "fever"}, {"id": "b", "prompt": "cough"}], profile="tiny-random"
     )
-    ender = threading.Timer(
-        1.0, lambda: client.store.close_items(job.id, [0, 1], "expired", "ended by the test")
-    )
+    ender = threading.Timer(1.0, lambda: client.store.request_cancel(job.id))
     ender.start()
     started = time.monotonic()
     try:
         state = job.wait(poll=60, timeout=120)
     finally:
         ender.join()
-    assert state.status == "expired" and state.counts.expired == 2
+    assert state.status == "cancelled" and state.counts.cancelled == 2
     assert time.monotonic() - started < 30, "woken by the 60 s poll, not by the job's end"

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench.cluster import run_genq
-from tests.helpers import RedisServer, WorkerProcess, wait_for, write_prompts
-
-
-def genq(
-    redis_url: str | None, *args: str, check: bool = True, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    """``genq ARGS`` in a subprocess against ``redis_url`` (None: embedded), extra env vars."""
-    return run_genq(redis_url, *args, env=extra, check=check)
-
-
-def rows(path: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from tests.helpers import RedisServer, WorkerProcess, genq, rows, wait_for, write_prompts
 
 
 @pytest.fixture

@@ -22,8 +22,11 @@ import click
 
 from worker.core.errors import GenqError
 from worker.core.settings import get_settings, reset_settings
+from worker.core.states import Mode
 
 MODE_CHOICE = click.Choice(["auto", "nf4", "fp32"])
+REDIS_WAIT_REPEAT = 30.0
+"""Seconds between reminders while a starting worker waits for Redis."""
 
 
 def _fail(exc: GenqError) -> None:
@@ -49,8 +52,8 @@ def facts() -> None:
 @click.option("--mode", type=MODE_CHOICE, default="auto", show_default=True)
 def queues(profile: str, mode: str) -> None:
     """Print the queues a worker of this profile and mode consumes (comma-separated)."""
-    from worker.app import worker_queues
     from worker.core.profiles import load_profile
+    from worker.queue.routing import worker_queues
 
     try:
         name = load_profile(profile).name
@@ -58,7 +61,7 @@ def queues(profile: str, mode: str) -> None:
         _fail(exc)
     if mode == "auto":
         raise click.UsageError("give --mode nf4 or fp32: queue names depend on the mode")
-    click.echo(",".join(worker_queues(name, mode)))  # type: ignore[arg-type]
+    click.echo(",".join(worker_queues(name, Mode(mode))))
 
 
 @cli.command()
@@ -167,7 +170,7 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     node = name or f"{socket.gethostname()}-{os.getpid()}"
     log = get_logger(worker=node)
     try:
-        _check_credentials(settings.broker, settings.broker_display or "")
+        _wait_for_redis(settings.broker, log)
         if concurrency == 1:
             # one process: load here, before consuming; the solo pool runs tasks in this process
             from worker.runtime import Runtime, set_runtime
@@ -193,11 +196,12 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     except GenqError as exc:
         _fail(exc)
 
-    from worker.app import app, worker_queues
     from worker.core.profiles import load_profile
+    from worker.queue.app import get_app
+    from worker.queue.routing import worker_queues
 
     prof_name = load_profile(profile).name
-    queue_list = worker_queues(prof_name, chosen)  # type: ignore[arg-type]
+    queue_list = worker_queues(prof_name, Mode(str(chosen)))
     log.info(
         "worker_starting",
         profile=prof_name,
@@ -225,25 +229,31 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
         "--without-gossip",
         "--task-events",
     ]
-    app.worker_main(argv)
+    get_app().worker_main(argv)
 
 
-def _check_credentials(url: str, shown: str) -> None:
-    """Stop with a clear message when Redis refuses the credentials (Celery would retry them
-    forever).  Any other failure is left to the reconnecting clients: Redis may just be starting."""
-    import redis
+def _wait_for_redis(url: str, log: Any) -> None:
+    """Before loading the model: stop at once when Redis refuses the credentials or the URL is
+    malformed (Celery would retry those forever); when Redis cannot be reached, say so now and
+    wait for it (it may be starting), saying so again every ``REDIS_WAIT_REPEAT`` seconds."""
+    from worker.core.errors import StoreUnavailable
+    from worker.store import check_reachable
 
-    from worker.core.errors import ConfigError
-    from worker.core.settings import URL_ENCODING_HINT
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
-    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
-        raise ConfigError(f"Redis at {shown} refused the credentials in GENQ_BROKER_URL: {exc}") from None
-    except ValueError:  # redis-py's message may quote part of the password: never show it
-        raise ConfigError(f"GENQ_BROKER_URL={shown} cannot be parsed; {URL_ENCODING_HINT}") from None
-    except (redis.RedisError, OSError):
-        pass
+    said = 0.0
+    while True:
+        try:
+            check_reachable(url)
+            return
+        except StoreUnavailable as exc:
+            if time.monotonic() - said >= REDIS_WAIT_REPEAT:
+                log.error(
+                    "redis_unreachable",
+                    error=exc.message,
+                    action="waiting; the model loads once Redis answers",
+                )
+                click.echo(f"genq-worker: {exc.message}; waiting for it (Ctrl-C to stop)", err=True)
+                said = time.monotonic()
+            time.sleep(2)
 
 
 def _decide_mode_isolated(profile: str, mode: str) -> str:

@@ -1,6 +1,6 @@
 """The process-wide worker state: the model loaded once, the engine, the store, the heartbeat.
 
-``genq-worker start`` builds it before consuming; under plain ``celery -A worker.app worker`` it is
+``genq-worker start`` builds it before consuming; under plain ``celery -A worker.queue.app worker`` it is
 built from ``GENQ_PROFILE``/``GENQ_MODE`` when the worker process starts (prefork children) or on
 the first task.  It never loads a model a job asks for: only the profile it was started with.
 """
@@ -13,12 +13,18 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.core.errors import ConfigError
 from worker.core.logs import get_logger
+from worker.core.profiles import Profile
 from worker.core.settings import Settings, get_settings
 from worker.core.states import Mode
+
+if TYPE_CHECKING:
+    from worker.chunks import Engine
+    from worker.model.loading import Loaded
+    from worker.store import RedisStore
 
 
 @dataclass
@@ -45,26 +51,35 @@ class Runtime:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stop_event = threading.Event()
         self.stats = Stats()
-        self.engine: Any = None
-        self.loaded: Any = None
-        self.profile: Any = None
+        self.engine: Engine | None = None
+        self.loaded: Loaded | None = None
+        self.profile: Profile | None = None
         self.mode: Mode | None = None
-        self._store: Any = None
+        self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
         self.log = get_logger(worker=self.name)
 
     @property
-    def store(self) -> Any:
+    def profile_name(self) -> str | None:
+        return self.profile.name if self.profile else None
+
+    def rename(self, name: str) -> None:
+        self.name = name
+        self.log = get_logger(worker=name)
+
+    @property
+    def store(self) -> RedisStore:
         if self._store is None:
             from worker.store import RedisStore
 
             self._store = RedisStore(settings=self.settings)
         return self._store
 
-    def load(self, profile_name: str | None = None, mode: str | None = None) -> None:
-        """Load the profile's model once in this process (no-op when already loaded)."""
+    def load(self, profile_name: str | None = None, mode: str | None = None) -> Engine:
+        """Load the profile's model once in this process; returns its engine (at once when it is
+        already loaded)."""
         if self.engine is not None:
-            return
+            return self.engine
         from worker.core.profiles import load_profile
         from worker.engine import build_engine
         from worker.model.loading import load_model
@@ -76,6 +91,7 @@ class Runtime:
         self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)
         self.mode = self.loaded.mode
         self.engine = build_engine(self.loaded, settings=self.settings, worker=self.name)
+        return self.engine
 
     def serves(self, profile: str) -> bool:
         return self.profile is not None and self.profile.name == profile

@@ -67,10 +67,21 @@ class InputError(PermanentError):
         self.detail = message
 
 
+class OutputPathError(PermanentError):
+    """An output path that cannot be written (a directory, a missing folder, no permission, or
+    the input file itself).  Refused before any work is done."""
+
+    code = ErrorCode.BAD_OUTPUT_PATH
+
+
 class ConfigError(PermanentError):
     """A bad setting, environment variable or profile file."""
 
     code = ErrorCode.CONFIG_ERROR
+
+
+class CredentialsRefused(ConfigError):
+    """Redis refused the credentials in the broker URL (retrying cannot help)."""
 
 
 class ProfileNotFound(ConfigError):
@@ -143,6 +154,12 @@ class StoreUnavailable(TransientError):
     """Redis could not be reached (after the client's own retries)."""
 
     code = ErrorCode.STORE_UNAVAILABLE
+
+
+class StoreFull(StoreUnavailable):
+    """Redis reached its ``maxmemory``: writes are refused until space is freed."""
+
+    code = ErrorCode.STORE_FULL
 
 
 class ShutdownRequested(TransientError):

@@ -19,13 +19,25 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import IO, Any, Literal
 
-from worker.core.errors import InputError
+from worker.core.errors import InputError, OutputPathError
 from worker.core.schema import Item, ItemResult
+from worker.core.states import CountField, ErrorCode
 
-__all__ = ["OutputFormat", "append_row", "read_done", "result_row", "trim_partial_line", "write_results"]
+__all__ = [
+    "OutputFormat",
+    "append_row",
+    "check_output_path",
+    "dumps_row",
+    "read_done",
+    "result_row",
+    "row_count_field",
+    "trim_partial_line",
+    "write_results",
+]
 
 OutputFormat = Literal["native", "openai"]
 
@@ -48,6 +60,21 @@ def result_row(
     raise ValueError(f"unknown output format {fmt!r} (expected 'native' or 'openai')")
 
 
+def row_count_field(row: dict[str, Any]) -> CountField:
+    """The counter an output row stands for (the inverse of :func:`result_row`): native rows
+    carry ``status``, OpenAI rows an ``error`` (null when the request succeeded)."""
+    ok = row["status"] == "ok" if "status" in row else row.get("error") is None
+    if ok:
+        return CountField.SUCCEEDED
+    error = row.get("error") or {}
+    code = error.get("type", error.get("code")) if isinstance(error, dict) else None
+    if code == ErrorCode.CANCELLED:
+        return CountField.CANCELLED
+    if code == ErrorCode.EXPIRED:
+        return CountField.EXPIRED
+    return CountField.ERRORED
+
+
 def write_results(
     pairs: Iterable[tuple[ItemResult, Item | None]],
     path: str | os.PathLike[str],
@@ -67,7 +94,7 @@ def write_results(
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             for result, item in pairs:
-                fh.write(_dumps(result_row(result, item, fmt, model=model, created=created)))
+                fh.write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())
@@ -80,7 +107,7 @@ def write_results(
 
 def append_row(fh: IO[str], row: dict[str, Any]) -> None:
     """Append one JSON line in a single write and flush it (the file is a text, UTF-8 handle)."""
-    fh.write(_dumps(row))
+    fh.write(dumps_row(row))
     fh.flush()
 
 
@@ -137,10 +164,39 @@ def trim_partial_line(path: str | os.PathLike[str]) -> int:
         return 0
 
 
+def check_output_path(path: str | os.PathLike[str], *, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before any work is done, an output path that cannot be written: a directory, a
+    folder that does not exist, one this process may not write in, or one of the ``inputs``."""
+    target = Path(path)
+    shown = os.fspath(path)
+    if target.is_dir():
+        raise OutputPathError(f"cannot write results to {shown}: it is a directory")
+    for source in inputs:
+        same = target.resolve() == Path(source).resolve()
+        with contextlib.suppress(OSError):  # a hard link or another path to the same file
+            same = same or (target.exists() and target.samefile(source))
+        if same:
+            raise OutputPathError(f"cannot write results to {shown}: it is the input file; choose another -o")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"cannot write results to {shown}: the folder {folder} does not exist")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputPathError(f"cannot write results to {shown}: permission denied")
+    probe = folder / f".{target.name}.genq-probe-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError as exc:
+        raise OutputPathError(f"cannot write results to {shown}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _dumps(row: dict[str, Any]) -> str:
+def dumps_row(row: dict[str, Any]) -> str:
+    """One JSONL line: UTF-8 text, compact, newline-terminated."""
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 

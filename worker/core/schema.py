@@ -191,8 +191,3 @@ class ChunkRef(_Strict):
     job_id: str
     chunk_id: str
     indices: list[int]
-
-
-def task_id(job_id: str, chunk_id: str) -> str:
-    """Deterministic Celery task id: submitting the same job again cannot duplicate a chunk."""
-    return f"{job_id}:{chunk_id}"

@@ -55,6 +55,10 @@ class Settings(BaseModel):
     result_ttl: int = Field(7 * 24 * 3600, ge=60)
     """Seconds a finished job (inputs, results, counts) is kept in Redis."""
 
+    submit_ttl: int = Field(24 * 3600, ge=60)
+    """Seconds a partial job (a submit that was interrupted before every chunk was published)
+    is kept, so that running the same `genq submit` again resumes it; then it is gone."""
+
     heartbeat_interval: float = Field(5.0, gt=0)
     """Seconds between worker heartbeats; a worker is listed while its heartbeat is fresher than
     three intervals."""

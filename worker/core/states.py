@@ -107,6 +107,7 @@ class ErrorCode(StrEnum):
     TRANSIENT_ERROR = "transient_error"
     INVALID_INPUT = "invalid_input"
     CONFIG_ERROR = "config_error"
+    BAD_OUTPUT_PATH = "bad_output_path"
     UNKNOWN_PROFILE = "unknown_profile"
     MODE_UNAVAILABLE = "mode_unavailable"
     INSUFFICIENT_MEMORY = "insufficient_memory"
@@ -120,4 +121,5 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     OUT_OF_MEMORY = "out_of_memory"
     STORE_UNAVAILABLE = "store_unavailable"
+    STORE_FULL = "store_full"
     SHUTDOWN_REQUESTED = "shutdown_requested"

@@ -286,6 +286,9 @@ def load_model(
     """Resolve, check memory, load base + adapter in the chosen mode.  Raises genq errors only."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading checkpoint shards" bars mean nothing in worker logs
 
     settings = settings or get_settings()
     log = get_logger(profile=profile.name)

@@ -1,16 +1,23 @@
+-- Record results, first write wins; move the counters; finish the job when every item is done.
+-- KEYS: job, results, workers, then every key of the job (EXPIRE'd when the job finishes)
+-- ARGV: now, retention ttl, worker, n, then n x (index, result json, counter, prompt tokens,
+--       completion tokens); the counter is computed in Python (worker.core.counting).
+-- Returns how many results were new, -1 when the job does not exist, -2 when it has ended
+-- (cancelled or expired: what was not done then stays counted as such).
 local job, results, workers = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl, worker, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', job) == 0 then return -1 end
+local status = redis.call('HGET', job, 'status')
+if not status then return -1 end
+if status == 'cancelled' or status == 'expired' then return -2 end
 local written, items, ptoks, ctoks = 0, 0, 0, 0
 for i = 0, n - 1 do
   local b = 5 + i * 5
   if redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
     written = written + 1
     redis.call('HINCRBY', job, ARGV[b + 2], 1)
-    local p, c = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
     if ARGV[b + 2] == 'succeeded' then items = items + 1 end
-    ptoks = ptoks + p
-    ctoks = ctoks + c
+    ptoks = ptoks + tonumber(ARGV[b + 3])
+    ctoks = ctoks + tonumber(ARGV[b + 4])
   end
 end
 if written == 0 then return 0 end
@@ -20,22 +27,22 @@ if worker ~= '' then
   redis.call('HINCRBY', workers, worker .. ':items', items)
   redis.call('HINCRBY', workers, worker .. ':tokens', ctoks)
 end
-local status = redis.call('HGET', job, 'status')
-if status == 'queued' then
-  redis.call('HSET', job, 'status', 'in_progress')
-  status = 'in_progress'
+-- a key created while the job is still being submitted lives as long as the partial job does
+local pttl = redis.call('PTTL', job)
+if pttl > 0 then
+  redis.call('PEXPIRE', results, pttl)
+  redis.call('PEXPIRE', workers, pttl)
 end
+if status == 'queued' then redis.call('HSET', job, 'status', 'in_progress') end
 redis.call('HSETNX', job, 'started_at', now)
 redis.call('HSET', job, 'updated_at', now)
-local c = redis.call('HMGET', job, 'total', 'succeeded', 'errored', 'cancelled', 'expired')
-local total = tonumber(c[1]) or 0
-local cancelled, expired = tonumber(c[4]) or 0, tonumber(c[5]) or 0
-local done = (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0) + cancelled + expired
-if done >= total then
-  local final = 'completed'
-  if cancelled > 0 then final = 'cancelled' elseif expired > 0 then final = 'expired' end
-  redis.call('HSET', job, 'status', final, 'finished_at', now)
+local c = redis.call('HMGET', job, 'total', 'succeeded', 'errored')
+local done = (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
+-- a job still being submitted (or whose submit was interrupted) finishes when its submit does
+if done >= (tonumber(c[1]) or 0) and status ~= 'submitting' then
+  redis.call('HSET', job, 'status', 'completed', 'finished_at', now)
+  redis.call('HSETNX', job, 'first_finished_at', now)
   for k = 4, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
-  redis.call('PUBLISH', job .. ':events', final)
+  redis.call('PUBLISH', job .. ':events', 'completed')
 end
 return written

@@ -1,17 +1,14 @@
+-- Forget errored results so their items can run again (genq retry); reopen the job.
+-- KEYS: job, results, then every key of the job (PERSIST'ed: the job is live again)
+-- ARGV: n x (index, the result json as read, its counter); a result that changed meanwhile is
+-- left alone.  The first finish time is kept (figures are computed over the first run).
 local job, results = KEYS[1], KEYS[2]
 local removed = 0
-for i = 1, #ARGV do
-  local raw = redis.call('HGET', results, ARGV[i])
-  if raw then
-    local r = cjson.decode(raw)
-    if r['status'] == 'error' then
-      local kind = 'errored'
-      local t = r['error'] and r['error']['type'] or ''
-      if t == 'cancelled' then kind = 'cancelled' elseif t == 'expired' then kind = 'expired' end
-      redis.call('HDEL', results, ARGV[i])
-      redis.call('HINCRBY', job, kind, -1)
-      removed = removed + 1
-    end
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', results, ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', results, ARGV[i])
+    redis.call('HINCRBY', job, ARGV[i + 2], -1)
+    removed = removed + 1
   end
 end
 if removed > 0 then

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import redis
 
+from worker.chunks import chunk_number, chunk_range
 from worker.core.states import FINAL_STATUSES
 
 T = TypeVar("T")
@@ -294,8 +295,13 @@ def in_flight(
         name, _, started = str(value).rpartition("|")
         if (worker is not None and name != worker) or float(started or 0) < since:
             continue
-        raw = r.hget(f"{key}:chunks", chunk)
-        indices = json.loads(raw)["indices"] if raw else []
+        spec = json.loads(str(r.hget(key, "spec") or "{}"))
+        n = chunk_number(chunk)
+        if n is not None:
+            indices = list(chunk_range(n, int(spec.get("total", 0)), int(spec.get("chunk_size", 1))))
+        else:
+            raw = r.hget(f"{key}:chunks", chunk)
+            indices = json.loads(str(raw)) if raw else []
         if indices:
             done = r.hmget(f"{key}:results", [str(i) for i in indices])
             out[chunk] = sum(1 for d in done if d is None)

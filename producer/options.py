@@ -1,0 +1,84 @@
+"""A job's options and its id: what, besides the input, makes a job (no Redis, no Celery)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from producer.inputs import InputLimits
+from worker.core.errors import InputError
+from worker.core.profiles import Profile
+from worker.core.schema import GenParams
+from worker.core.states import QueueMode
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    profile: Profile
+    mode: QueueMode = QueueMode.ANY
+    chunk_size: int = 16
+    params: GenParams = field(default_factory=GenParams)
+    system_prompt: str | None = None
+    expires_in: float | None = None
+    skip_invalid: bool = False
+
+    def check(self) -> None:
+        if self.chunk_size < 1:
+            raise InputError("chunk size must be at least 1", field="chunk_size")
+        if self.expires_in is not None and not (math.isfinite(self.expires_in) and self.expires_in > 0):
+            raise InputError(
+                f"--expires-in must be a positive number of seconds, got {self.expires_in}",
+                field="expires_in",
+            )
+        limit = self.profile.limits.max_new_tokens
+        mnt = self.params.max_new_tokens
+        if mnt is not None and mnt > limit:
+            raise InputError(
+                f"max_new_tokens {mnt} is above the profile's limit of {limit}", field="max_new_tokens"
+            )
+
+    def fingerprint(self) -> str:
+        """What, besides the input's bytes, makes a different job (the expiry does not)."""
+        return "|".join(
+            [
+                self.profile.name,
+                str(self.mode),
+                str(self.chunk_size),
+                self.params.model_dump_json(),
+                self.system_prompt or "",
+                str(self.skip_invalid),
+            ]
+        )
+
+
+def new_job_id() -> str:
+    return time.strftime("j%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (a few hundred MB a second; read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    except OSError:
+        return ""  # the reader reports the problem with the file in its own words
+    return h.hexdigest()
+
+
+def derived_job_id(path: str | os.PathLike[str], options: SubmitOptions) -> str:
+    """The same file (by content), profile and parameters give the same job id."""
+    digest = hashlib.sha256(f"{file_digest(path)}|{options.fingerprint()}".encode()).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(path).stem)[:40] or "job"
+    return f"{stem}-{digest}"
+
+
+def input_limits(profile: Profile) -> InputLimits:
+    """What the reader enforces for this profile."""
+    return InputLimits(max_new_tokens=profile.limits.max_new_tokens)

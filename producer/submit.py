@@ -1,0 +1,220 @@
+"""Submitting a job: one streaming pass that validates and stores the inputs, then the chunks.
+
+The order is what makes a submit leave a job or nothing:
+
+1. the job id is known (given, or derived from the file's bytes, the profile and the parameters,
+   so the same command finds the same job) and reported before anything is written;
+2. one process at a time submits a job (a lock in the store; a second submit waits, then resumes);
+3. the job is created as ``submitting``: every key it writes expires after ``GENQ_SUBMIT_TTL``;
+4. the input is validated and stored page by page (memory stays flat); an error removes what was
+   written, unless ``skip_invalid`` records the line as an errored item;
+5. only then are chunks published, each claimed in the store first (a bit per chunk), in
+   pipelined batches;
+6. the job becomes ``queued`` and its TTL is lifted.
+
+Interrupted anywhere, the same command resumes: the id is the same, inputs already stored are
+checked, not trusted blindly (a different input under the same id is refused), and only chunks
+without a live message are published.  Redis full: what was written is removed and the error
+names Redis' maxmemory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from producer.inputs import ItemStream, stream_items, stream_records
+from producer.options import SubmitOptions, input_limits
+from worker.chunks import chunk_count, chunk_id, chunk_range
+from worker.core.errors import InputError, JobConflict, StoreFull
+from worker.core.identity import JobDigest, job_context
+from worker.core.schema import Item, JobSpec, error_result
+from worker.core.states import JobStatus
+from worker.store import RedisStore
+from worker.store.keys import PAGE
+
+Source = str | os.PathLike[str] | Iterable[Mapping[str, Any]]
+Publisher = Callable[[JobSpec, dict[str, list[int]]], int]
+
+
+@dataclass
+class SubmitReport:
+    job_id: str
+    resumed: bool
+    enqueued: int
+    total: int
+    invalid: int
+    status: JobStatus
+
+
+def _stream(source: Source, options: SubmitOptions) -> ItemStream:
+    limits = input_limits(options.profile)
+    if isinstance(source, str | os.PathLike):
+        return stream_items(source, skip_invalid=options.skip_invalid, limits=limits)
+    return stream_records(source, skip_invalid=options.skip_invalid, limits=limits)
+
+
+class Submitter:
+    """One submit of one job (see the module docstring for the order of things)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        publish: Publisher,
+        live_messages: Callable[[JobSpec], set[str]],
+        options: SubmitOptions,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.live_messages = live_messages
+        self.options = options
+
+    def submit(
+        self,
+        source: Source,
+        job_id: str,
+        *,
+        on_wait: Callable[[], None] | None = None,
+    ) -> SubmitReport:
+        with self.store.submit_lock(job_id, on_wait):
+            status = self.store.status(job_id)
+            if status is not None and status != JobStatus.SUBMITTING:
+                return self._resume_complete(source, job_id)
+            spec = self._spec(job_id, source, total=0, digest="")
+            if status is None:
+                self.store.begin(spec)
+            else:
+                self._check_same_options(self.store.spec(job_id))
+            try:
+                spec, invalid = self._store_inputs(source, spec, partial=status is not None)
+                enqueued = self._publish_all(spec, resumed=status is not None, check_done=bool(invalid))
+            except (InputError, StoreFull):
+                self.store.abort(job_id)  # a submit leaves a job or nothing
+                raise
+            final = self.store.finish_submit(job_id)
+            return SubmitReport(job_id, status is not None, enqueued, spec.total, len(invalid), final)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def _spec(self, job_id: str, source: Source, *, total: int, digest: str) -> JobSpec:
+        o = self.options
+        return JobSpec(
+            job_id=job_id,
+            profile=o.profile.name,
+            mode=o.mode,
+            chunk_size=o.chunk_size,
+            total=total,
+            defaults=o.params,
+            system_prompt=o.system_prompt,
+            expires_at=(time.time() + o.expires_in) if o.expires_in is not None else None,
+            input_digest=digest,
+            source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
+        )
+
+    def _check_same_options(self, partial: JobSpec) -> None:
+        """A partial job of this id must have been submitted with the same options."""
+        mine = self._spec(partial.job_id, "", total=0, digest="")
+        fields = ("profile", "mode", "chunk_size", "defaults", "system_prompt")
+        if any(getattr(mine, f) != getattr(partial, f) for f in fields):
+            raise JobConflict(
+                f"job {partial.job_id} was partly submitted with other options (profile, mode, chunk size or "
+                f"parameters): submit with another --job-id, or `genq delete {partial.job_id}`"
+            )
+
+    def _store_inputs(self, source: Source, spec: JobSpec, *, partial: bool) -> tuple[JobSpec, list[Item]]:
+        """Validate and store every input, a page at a time; returns the final spec and the
+        items recorded as invalid (``skip_invalid``)."""
+        digest = JobDigest(job_context(self.options.profile, spec.defaults, spec.system_prompt))
+        invalid: list[Item] = []
+        stream = _stream(source, self.options)
+        for page in _pages(stream):
+            rows = [(item.index, item.model_dump_json(exclude_defaults=True)) for item in page]
+            for _, raw in rows:
+                digest.add(raw)
+            if partial:  # an interrupted submit of this id stored some inputs: they must be ours
+                differs = self.store.differing_input(spec.job_id, rows)
+                if differs is not None:
+                    line = page[differs - page[0].index].line
+                    raise JobConflict(
+                        f"job {spec.job_id} was partly submitted from a different input (its item at "
+                        f"line {line} differs): submit with another --job-id, or `genq delete {spec.job_id}`"
+                    )
+            self.store.write_inputs(spec.job_id, rows)
+            invalid += [item for item in page if item.invalid is not None]
+        spec = spec.model_copy(update={"total": stream.count, "input_digest": digest.hexdigest()})
+        self.store.complete_inputs(spec)
+        for start in range(0, len(invalid), PAGE):
+            page = invalid[start : start + PAGE]
+            errs = [
+                error_result(it, it.invalid, profile=spec.profile, attempts=0) for it in page if it.invalid
+            ]
+            self.store.record(spec.job_id, errs)
+        return spec, invalid
+
+    def _resume_complete(self, source: Source, job_id: str) -> SubmitReport:
+        """The job exists and its submit finished: same input → re-publish what lost its message;
+        a different input → refuse."""
+        existing = self.store.spec(job_id)
+        o = self.options
+        digest = JobDigest(job_context(o.profile, o.params, o.system_prompt))
+        stream = _stream(source, self.options)
+        for page in _pages(stream):
+            for item in page:
+                digest.add(item.model_dump_json(exclude_defaults=True))
+        if digest.hexdigest() != existing.input_digest or existing.profile != self.options.profile.name:
+            raise JobConflict(
+                f"job {job_id} exists with a different input or profile: submit with another --job-id "
+                f"(or none), or `genq delete {job_id}` first"
+            )
+        state = self.store.state(job_id)
+        enqueued = 0 if state.final else self._publish_all(existing, resumed=True, check_done=True)
+        return SubmitReport(job_id, True, enqueued, existing.total, state.counts.errored, state.status)
+
+    # --- chunks ----------------------------------------------------------------------------------
+
+    def _publish_all(self, spec: JobSpec, *, resumed: bool, check_done: bool) -> int:
+        """Claim and publish every plain chunk with something to run; on a resume, also re-publish
+        claimed chunks and split children whose message is gone.  Returns messages published.
+        ``check_done``: some items may have results already (skip chunks that need nothing)."""
+        live = self.live_messages(spec) if resumed else set()
+        enqueued = 0
+        count = chunk_count(spec.total, spec.chunk_size)
+        for start in range(0, count, PAGE):
+            numbers = list(range(start, min(start + PAGE, count)))
+            won = set(self.store.claim(spec.job_id, numbers))
+            todo: dict[str, list[int]] = {}
+            for n in numbers:
+                cid = chunk_id(n)
+                indices = list(chunk_range(n, spec.total, spec.chunk_size))
+                if n in won or (resumed and f"{spec.job_id}:{cid}" not in live):
+                    todo[cid] = indices
+            enqueued += self._publish_pending(spec, todo) if check_done else self.publish(spec, todo)
+        if resumed:
+            stored = {cid: idx for cid, idx in self.store.stored_chunks(spec.job_id) if idx}
+            enqueued += self._publish_pending(
+                spec, {cid: idx for cid, idx in stored.items() if f"{spec.job_id}:{cid}" not in live}
+            )
+        return enqueued
+
+    def _publish_pending(self, spec: JobSpec, chunks: dict[str, list[int]]) -> int:
+        """Publish the chunks of ``chunks`` that still have an item without a result."""
+        if not chunks:
+            return 0
+        every = [i for idx in chunks.values() for i in idx]
+        done = self.store.done(spec.job_id, every)
+        todo = {cid: idx for cid, idx in chunks.items() if any(i not in done for i in idx)}
+        return self.publish(spec, todo) if todo else 0
+
+
+def _pages(items: Iterable[Item]) -> Iterator[list[Item]]:
+    page: list[Item] = []
+    for item in items:
+        page.append(item)
+        if len(page) >= PAGE:
+            yield page
+            page = []
+    if page:
+        yield page

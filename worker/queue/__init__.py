@@ -1,0 +1,2 @@
+"""The queue layer: the only place Celery and kombu are imported (app, task, routing,
+redelivery, publishing, kombu's message layout)."""

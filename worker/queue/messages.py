@@ -1,0 +1,67 @@
+"""The one place that reads kombu's Redis layout (a private format): which task messages of a
+job wait in a queue or are delivered and not yet acknowledged, and removing a job's messages.
+
+kombu keeps a queue as a Redis list of JSON envelopes (``{"body", "headers": {"id", ...},
+"properties"}``) and delivered-but-unacknowledged messages in the hash ``unacked`` as
+``[envelope, exchange, routing_key]``.  A Celery message's task id is ``headers.id``; genq's task
+ids are ``<job>:<chunk>`` (:func:`worker.queue.routing.task_id`).  tests/test_queue_layout.py checks
+this against messages kombu itself wrote, so an upgrade that changes it fails there first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+import redis
+
+PAGE = 1000
+UNACKED = "unacked"
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def _task_id(raw: str, wrapped: bool) -> str | None:
+    try:
+        body = json.loads(raw)
+        msg = body[0] if wrapped else body
+        return str(msg["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _queue_messages(r: redis.Redis, queue: str) -> Iterator[tuple[str, str | None]]:
+    """``(raw envelope, task id)`` of every message waiting in ``queue``."""
+    length = int(r.llen(queue))
+    for start in range(0, length, PAGE):
+        for raw in r.lrange(queue, start, start + PAGE - 1):
+            text = _text(raw)
+            yield text, _task_id(text, wrapped=False)
+
+
+def message_ids(r: redis.Redis, queues: Sequence[str]) -> set[str]:
+    """Task ids of the messages waiting in ``queues`` or delivered but not yet acknowledged, so a
+    resumed submit re-enqueues only chunks whose message is gone."""
+    ids = {tid for queue in queues for _, tid in _queue_messages(r, queue) if tid is not None}
+    for _, raw in r.hscan_iter(UNACKED, count=PAGE):
+        tid = _task_id(_text(raw), wrapped=True)
+        if tid is not None:
+            ids.add(tid)
+    return ids
+
+
+def drain(r: redis.Redis, queues: Sequence[str], job_id: str) -> int:
+    """Remove the waiting messages of ``job_id`` from ``queues``; returns how many.  Messages a
+    worker holds are left to it: it finds the job gone and drops them."""
+    prefix = f"{job_id}:"
+    removed = 0
+    for queue in queues:
+        doomed = [raw for raw, tid in _queue_messages(r, queue) if tid is not None and tid.startswith(prefix)]
+        if doomed:
+            pipe = r.pipeline(transaction=False)
+            for raw in doomed:
+                pipe.lrem(queue, 1, raw)
+            removed += sum(int(n) for n in pipe.execute())
+    return removed

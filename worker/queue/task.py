@@ -1,0 +1,105 @@
+"""The Celery task that runs one chunk, and the worker signals that load the model once.
+
+The task is a thin shell around :func:`worker.chunks.process_chunk`: it parses the message (JSON
+only), refuses chunks of a profile this worker does not serve, and turns a shutdown or a lost
+store into a hand-back (the message goes back to its queue).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task, signals
+from celery.exceptions import Reject
+
+from worker.chunks import process_chunk
+from worker.core.errors import JobNotFound, ShutdownRequested, StoreUnavailable
+from worker.core.logs import get_logger
+from worker.core.schema import ChunkRef, ErrorInfo, error_result
+from worker.core.states import ChunkOutcome, ErrorCode
+from worker.queue.publish import publish_chunks
+from worker.queue.routing import TASK_NAME
+from worker.runtime import get_runtime
+
+
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
+    runtime = get_runtime()
+    chunk = ChunkRef.model_validate(ref)
+    engine = runtime.load()
+    store = runtime.store
+    log = get_logger(job=chunk.job_id, chunk=chunk.chunk_id, worker=runtime.name)
+    try:
+        spec = store.spec(chunk.job_id)
+    except JobNotFound:
+        log.info("chunk_of_missing_job")  # deleted, or expired after retention: nothing to do
+        return {"outcome": str(ChunkOutcome.SKIPPED)}
+    if not runtime.serves(spec.profile):
+        # Routing never does this; a hand-made message might.  Refuse: never download or load.
+        log.error("wrong_profile", job_profile=spec.profile, worker_profile=runtime.profile_name)
+        error = ErrorInfo(
+            type=ErrorCode.UNKNOWN_PROFILE,
+            message=f"worker {runtime.name} does not serve profile {spec.profile!r}",
+        )
+        items = store.items(chunk.job_id, store.pending_indices(chunk.job_id, chunk.indices))
+        store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name)
+        return {"outcome": str(ChunkOutcome.REFUSED)}
+    runtime.stats.current = f"{chunk.job_id}:{chunk.chunk_id}"
+    try:
+        outcome = process_chunk(
+            store,
+            engine,
+            chunk,
+            worker=runtime.name,
+            max_attempts=runtime.settings.max_attempts,
+            publish=publish_chunks,
+            control=store,
+            should_stop=runtime.stop_event.is_set,
+        )
+    except ShutdownRequested:
+        raise Reject("worker shutting down: chunk handed back", requeue=True) from None
+    except StoreUnavailable as exc:
+        log.warning("store_unavailable", error=str(exc))
+        raise Reject("job store unreachable: chunk handed back", requeue=True) from None
+    finally:
+        runtime.stats.current = None
+    runtime.stats.chunks += 1
+    runtime.stats.add(outcome.written, outcome.tokens, outcome.seconds)
+    return outcome.as_dict()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    get_runtime().stop_event.set()
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    """Prefork child: load the model here (never in the parent, which must stay CUDA-free).
+    The solo pool sends this signal too, in the one process that already holds the model."""
+    runtime = get_runtime()
+    if runtime.settings.profile:
+        from celery.utils.log import current_process_index
+
+        index = current_process_index()
+        if index is not None and runtime.engine is None:
+            # one name per child, "<worker>-<n>"; a child that replaces a dead one takes its name
+            runtime.rename(f"{runtime.name}-{index}")
+        runtime.load()
+        runtime.start_heartbeat()
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """Solo/threads pool: the model lives in this process; load it before the first task.
+    ``sender`` is the consumer; under prefork its pool's children load, never this parent."""
+    pool = type(getattr(sender, "pool", None)).__module__ if sender is not None else ""
+    runtime = get_runtime()
+    if "prefork" not in pool and runtime.settings.profile:
+        runtime.load()
+        runtime.start_heartbeat()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    get_runtime().shutdown()

@@ -1,0 +1,55 @@
+"""What every part of the store shares: the client, the settings, the Lua scripts, error mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker.core.errors import StoreUnavailable
+from worker.core.schema import JobSpec
+from worker.core.settings import Settings, get_settings, redact_url
+from worker.store.connection import check_reachable, connect, guarded
+
+LUA = Path(__file__).parent / "lua"
+SCRIPTS = ("record", "start", "unrecord", "settle", "claim", "finish_submit")
+"""The Lua scripts in ``lua/``, each one atomic step of a job's life (read once, at import)."""
+
+_SOURCES = {name: (LUA / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPTS}
+
+
+class StoreBase:
+    """A connection to the job store.  ``client`` replaces the connection (tests)."""
+
+    def __init__(
+        self, url: str | None = None, *, settings: Settings | None = None, client: redis.Redis | None = None
+    ) -> None:
+        self.settings = settings or get_settings()
+        url = url or self.settings.broker
+        if client is None and not url:
+            raise StoreUnavailable("GENQ_BROKER_URL is not set: no job store to talk to")
+        self.url = url or ""
+        self.url_display = redact_url(url) if url else "<client>"
+        self.r: redis.Redis = client if client is not None else connect(self.url)
+        self.scripts = {name: self.r.register_script(src) for name, src in _SOURCES.items()}
+        self._specs: dict[str, JobSpec] = {}
+        """Specs of complete jobs (they never change): read once per process."""
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` with Redis' errors as genq errors.  Replies are ``Any``: the client
+        decodes them to ``str`` (redis-py's own types cannot say so)."""
+        return guarded(self.url_display, fn, *args, **kwargs)
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._call(self.scripts[name], keys=keys, args=args)
+
+    def check(self) -> None:
+        """Fail within seconds, with what to check, when Redis is not there (every command
+        starts with this; the store's own client would retry for a minute)."""
+        if self.url:
+            check_reachable(self.url)
+
+    def ping(self) -> bool:
+        return bool(self._call(self.r.ping))

@@ -1,0 +1,105 @@
+"""Chunks of a job: which items a chunk holds, claims before publishing, deliveries and who runs
+what.  Plain chunks are ranges of the input and have no record; split children and retry rounds
+are stored in ``job:<id>:chunks``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+
+from worker.chunks import chunk_count, chunk_id, chunk_number, chunk_range
+from worker.core.errors import JobNotFound
+from worker.store.keys import PAGE, job_key
+from worker.store.results import ResultStore
+
+
+class ChunkRecords(ResultStore):
+    def chunk_indices(self, job_id: str, cid: str, *, total: int, size: int) -> list[int]:
+        """The item indices of chunk ``cid`` (a range for plain chunks, else its record)."""
+        n = chunk_number(cid)
+        if n is not None:
+            return list(chunk_range(n, total, size))
+        raw = self._call(self.r.hget, job_key(job_id, "chunks"), cid)
+        if raw is None:
+            raise JobNotFound(f"job {job_id} has no chunk {cid!r}")
+        return list(json.loads(raw))
+
+    def stored_chunks(self, job_id: str) -> Iterator[tuple[str, list[int]]]:
+        """Split children and retry rounds: ``(chunk id, indices)`` (split parents hold none)."""
+        raw = self._call(self.r.hgetall, job_key(job_id, "chunks"))
+        for cid, value in raw.items():
+            yield cid, list(json.loads(value))
+
+    def add_chunks(
+        self, job_id: str, chunks: dict[str, list[int]], *, split_parent: str | None = None
+    ) -> dict[str, list[int]]:
+        """Record new chunks; returns those this call created (a chunk held by two live workers
+        is split by both: only the first split publishes its children)."""
+        key = job_key(job_id, "chunks")
+        pipe = self.r.pipeline(transaction=False)
+        for cid, idx in chunks.items():
+            pipe.hsetnx(key, cid, json.dumps(idx))
+        if split_parent is not None:
+            pipe.hset(key, split_parent, "[]")
+        pipe.pttl(job_key(job_id))
+        flags = self._call(pipe.execute)
+        ttl = int(flags[-1])
+        if ttl > 0:  # a partial job: its records live as long as it does
+            self._call(self.r.pexpire, key, ttl)
+        return {cid: idx for (cid, idx), new in zip(chunks.items(), flags, strict=False) if new}
+
+    def claim(self, job_id: str, numbers: Sequence[int]) -> list[int]:
+        """Claim plain chunks for publishing; returns the numbers this call won."""
+        if not numbers:
+            return []
+        keys = [job_key(job_id), job_key(job_id, "claims")]
+        won = self._script("claim", keys, list(numbers))
+        return [int(n) for n in won]
+
+    def claimed(self, job_id: str, numbers: Sequence[int]) -> list[bool]:
+        """Whether each of the plain chunks ``numbers`` is claimed for publishing yet."""
+        pipe = self.r.pipeline(transaction=False)
+        for n in numbers:
+            pipe.getbit(job_key(job_id, "claims"), n)
+        return [bool(b) for b in self._call(pipe.execute)]
+
+    def start_attempt(self, job_id: str, cid: str, worker: str) -> int:
+        """Count a delivery of ``cid`` and note that ``worker`` runs it; returns the attempt number
+        (0 when the job is gone)."""
+        now = time.time()
+        keys = [job_key(job_id), job_key(job_id, "attempts"), job_key(job_id, "running")]
+        return int(self._script("start", keys, [cid, f"{worker}|{now}", now]))
+
+    def undo_attempt(self, job_id: str, cid: str) -> None:
+        """A chunk handed back on shutdown did not fail: do not count that delivery."""
+        self._call(self.r.hincrby, job_key(job_id, "attempts"), cid, -1)
+
+    def attempts(self, job_id: str) -> dict[str, int]:
+        raw = self._call(self.r.hgetall, job_key(job_id, "attempts"))
+        return {cid: int(n) for cid, n in raw.items()}
+
+    def clear_running(self, job_id: str, cid: str) -> None:
+        self._call(self.r.hdel, job_key(job_id, "running"), cid)
+
+    def running(self, job_id: str) -> dict[str, tuple[str, float]]:
+        out: dict[str, tuple[str, float]] = {}
+        for cid, value in self._call(self.r.hgetall, job_key(job_id, "running")).items():
+            worker, _, since = value.rpartition("|")
+            out[cid] = (worker, float(since or 0))
+        return out
+
+    def live_running(self, job_id: str) -> set[str]:
+        """Chunks a worker started within the visibility timeout (older entries are a dead
+        worker's: its message comes back to the queue)."""
+        horizon = time.time() - self.settings.visibility_timeout
+        return {cid for cid, (_, since) in self.running(job_id).items() if since >= horizon}
+
+    def plain_chunks(self, total: int, size: int) -> Iterator[list[tuple[str, list[int]]]]:
+        """Pages of ``(chunk id, indices)`` for every plain chunk of a job of ``total`` items."""
+        count = chunk_count(total, size)
+        for start in range(0, count, PAGE):
+            yield [
+                (chunk_id(n), list(chunk_range(n, total, size)))
+                for n in range(start, min(start + PAGE, count))
+            ]

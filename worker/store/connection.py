@@ -1,0 +1,135 @@
+"""Connecting to Redis: a client that rides out restarts, and errors that name what to check.
+
+Two kinds of client:
+
+* :func:`connect` retries a lost connection with backoff for about a minute, so a worker or a
+  long submit survives a Redis restart;
+* :func:`check_reachable` answers in a few seconds whether Redis is there at all, so that every
+  ``genq`` command and a starting worker say so at once instead of after the retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ConnectionError,
+    OutOfMemoryError,
+    TimeoutError,
+)
+from redis.retry import Retry
+
+from worker.core.errors import ConfigError, CredentialsRefused, StoreFull, StoreUnavailable
+from worker.core.settings import URL_ENCODING_HINT, redact_url
+
+T = TypeVar("T")
+
+QUICK_TIMEOUT = 2.0
+"""Seconds :func:`check_reachable` waits for a connection (and again for the reply)."""
+
+
+class _Retry(Retry):
+    """Retries lost connections, never refused credentials: redis-py's AuthenticationError is a
+    ConnectionError, and retrying a wrong password only turns a clear error into a minute's hang."""
+
+    def call_with_retry(
+        self,
+        do: Any,
+        fail: Any,
+        is_retryable: Any = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        def retryable(exc: Exception) -> bool:
+            if isinstance(exc, AuthenticationError | AuthorizationError):
+                return False
+            return is_retryable is None or bool(is_retryable(exc))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def _from_url(url: str, **options: Any) -> redis.Redis:
+    try:
+        return redis.Redis.from_url(url, decode_responses=True, **options)
+    except ValueError:  # redis-py's message may quote part of the password: never append it
+        raise ConfigError(
+            f"GENQ_BROKER_URL={redact_url(url)} cannot be parsed; {URL_ENCODING_HINT}"
+        ) from None
+
+
+def connect(url: str, *, retry_seconds: float = 60.0) -> redis.Redis:
+    """A Redis client that rides out restarts: retries with backoff for about ``retry_seconds``."""
+    return _from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), max(1, int(retry_seconds)) + 5),
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+    )
+
+
+def unreachable(shown: str, exc: BaseException) -> StoreUnavailable:
+    reason = str(exc).split("\n")[0][:160] or type(exc).__name__
+    return StoreUnavailable(
+        f"cannot reach Redis at {shown} ({reason}): check that redis-server runs there, that this "
+        "machine can reach it, and that GENQ_BROKER_URL names it"
+    )
+
+
+def refused(shown: str, exc: BaseException) -> CredentialsRefused:
+    # Redis's own message ("invalid username-password pair…") never contains the password
+    return CredentialsRefused(f"Redis at {shown} refused the credentials in GENQ_BROKER_URL: {exc}")
+
+
+def full(shown: str, exc: BaseException) -> StoreFull:
+    return StoreFull(
+        f"Redis at {shown} is out of memory (it reached its maxmemory: {exc}); raise `maxmemory` "
+        "(redis-cli CONFIG SET maxmemory ...), or free space with `genq prune` / `genq delete JOB`"
+    )
+
+
+def check_reachable(url: str) -> None:
+    """Return when Redis at ``url`` answers a PING; within a few seconds raise
+    :class:`StoreUnavailable` when it cannot be reached, :class:`CredentialsRefused` when it
+    refuses the credentials (:class:`ConfigError` when the URL cannot be parsed)."""
+    shown = redact_url(url)
+    client = _from_url(url, socket_connect_timeout=QUICK_TIMEOUT, socket_timeout=QUICK_TIMEOUT)
+    try:
+        client.ping()
+    except (AuthenticationError, AuthorizationError) as exc:
+        raise refused(shown, exc) from None
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise unreachable(shown, exc) from None
+    except redis.ResponseError as exc:  # e.g. NOAUTH: a password is needed and none was given
+        raise refused(shown, exc) from None
+    finally:
+        client.close()
+
+
+def guarded(shown: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn``, turning Redis' connection, credential and memory errors into genq errors."""
+    try:
+        return fn(*args, **kwargs)
+    except (AuthenticationError, AuthorizationError) as exc:
+        raise refused(shown, exc) from None
+    except OutOfMemoryError as exc:
+        raise full(shown, exc) from None
+    except (ConnectionError, TimeoutError) as exc:
+        raise unreachable(shown, exc) from None
+
+
+def guarded_iter(shown: str, it: Iterator[T]) -> Iterator[T]:
+    """:func:`guarded` for each step of an iterator (a SCAN, say)."""
+    while True:
+        try:
+            value = guarded(shown, next, it)
+        except StopIteration:
+            return
+        yield value

@@ -1,0 +1,62 @@
+"""Every Redis key genq uses, in one place.
+
+All keys live under ``genq:``.  A job's keys:
+
+=============================  ============================================================
+``job:<id>``                   hash: ``spec`` (JSON), ``status``, counters, token totals, times,
+                               ``ending`` (why a ``cancelling`` job ends), submit progress
+``job:<id>:inputs``            hash: item index → Item JSON (stored once, at submit)
+``job:<id>:results``           hash: item index → ItemResult JSON (first write wins)
+``job:<id>:chunks``            hash: chunk id → JSON index list, for chunks that are not a plain
+                               range of the input (split children, retry rounds)
+``job:<id>:claims``            bitmap: bit *n* set once chunk ``c<n>`` is claimed for publishing
+``job:<id>:attempts``          hash: chunk id → deliveries started
+``job:<id>:running``           hash: chunk id → ``worker|since`` while a worker runs it
+``job:<id>:workers``           hash: ``<worker>:items`` / ``<worker>:tokens`` per worker
+``job:<id>:submitter``         string, short TTL: held by the process submitting the job
+``job:<id>:events``            pub/sub channel (not a key): the final status, once
+=============================  ============================================================
+
+Others: ``jobs`` (sorted set: job id by creation time, the job index), ``worker:<name>``
+(heartbeat JSON with a TTL) and ``workers`` (sorted set: worker name by last heartbeat).
+
+Plain chunks are ranges: chunk ``c<n>`` holds items ``n × chunk_size`` up to the next chunk, so
+a million-item job stores no chunk records at all (:func:`worker.chunks.chunk_range`).
+"""
+
+from __future__ import annotations
+
+PREFIX = "genq:"
+JOBS_INDEX = f"{PREFIX}jobs"
+WORKERS_INDEX = f"{PREFIX}workers"
+
+JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers")
+"""The keys a job's data lives in besides its hash: they expire together with it."""
+
+SUBMITTER = "submitter"
+"""The submit lock: a key of its own lifetime (never part of :func:`job_keys`' TTL changes)."""
+
+PAGE = 1000
+"""Items read or written per Redis round trip."""
+
+
+def job_key(job_id: str, part: str = "") -> str:
+    return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
+
+
+def job_keys(job_id: str) -> list[str]:
+    """The job's hash and the keys of its data (not its submit lock)."""
+    return [job_key(job_id)] + [job_key(job_id, p) for p in JOB_PARTS]
+
+
+def all_job_keys(job_id: str) -> list[str]:
+    """Every key of the job, its submit lock included (what `genq delete` removes)."""
+    return [*job_keys(job_id), job_key(job_id, SUBMITTER)]
+
+
+def events_channel(job_id: str) -> str:
+    return job_key(job_id, "events")
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}worker:{name}"

@@ -1,0 +1,9 @@
+-- Claim chunks for publishing, one bit per chunk: a chunk is published by whoever flips its bit.
+-- KEYS: job, claims bitmap; ARGV: chunk numbers.  Returns the numbers this call claimed.
+local pttl = redis.call('PTTL', KEYS[1])
+local won = {}
+for i = 1, #ARGV do
+  if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 0 then won[#won + 1] = ARGV[i] end
+end
+if pttl > 0 then redis.call('PEXPIRE', KEYS[2], pttl) end
+return won
