@@ -19,7 +19,7 @@ from worker.core.settings import Settings, get_settings
 from worker.engine.autotune import AUTOTUNE_CANDIDATES, AUTOTUNE_CONTEXT, DEFAULT_BATCH_SIZE, Autotuner
 from worker.engine.cpu import packed_layers
 from worker.engine.forward import Forward
-from worker.engine.memory import is_oom, release_cached
+from worker.engine.memory import BatchCeiling, is_oom, release_cached
 from worker.engine.padded import decode_padded
 from worker.engine.prompts import Prepared, Prompts
 from worker.engine.rows import Results, Row, RowRules
@@ -59,8 +59,8 @@ class Engine:
         self.max_batch_size = max_batch_size or (
             configured if isinstance(configured, int) else DEFAULT_BATCH_SIZE
         )
-        self.oom_ceiling: int | None = None
-        """The largest number of rows known to fit after an out-of-memory error."""
+        self.memory = BatchCeiling()
+        """The most rows known to fit, learnt from out-of-memory errors and probed upward."""
         device = next(self.model.parameters()).device if loaded.device == "cuda" else torch.device("cpu")
         self.device = device
         self.forward = Forward(self.model, pad_id=int(self.tokenizer.pad_token_id), device=device)
@@ -99,9 +99,14 @@ class Engine:
 
     # --- scheduling --------------------------------------------------------------------------
 
+    @property
+    def oom_ceiling(self) -> int | None:
+        """The largest number of rows known to fit after an out-of-memory error (None: no limit)."""
+        return self.memory.ceiling
+
     def batch_limit(self) -> int:
-        """The most rows decoded together."""
-        return min(self.max_batch_size, self.oom_ceiling or self.max_batch_size)
+        """The most rows decoded together: ``max_batch_size``, or less after out-of-memory."""
+        return self.memory.limit(self.max_batch_size)
 
     def micro_batches(self, prepared: Sequence[Prepared]) -> Iterator[list[Prepared]]:
         """Length-sorted micro-batches of up to ``REFILL_FACTOR × batch_limit()`` items whose rows
@@ -175,31 +180,28 @@ class Engine:
                     raise
                 left = [p for p in batch if p.item.index not in out]
                 pending[:0] = self._back_off(exc, left, rows, attempts, emit)
+                continue
+            probe = self.memory.succeeded(rows, self.max_batch_size)
+            if probe is not None:
+                self.log.info("oom_probe", rows=rows, new_limit=probe or None, wait=self.memory.wait)
         return [out[i.index] for i in items]
 
     def _back_off(
         self, exc: BaseException, left: list[Prepared], rows: int, attempts: int, emit: ResultCallback
     ) -> list[list[Prepared]]:
         """After an out-of-memory error with ``rows`` rows: what to run again.  Fewer rows at a
-        time (the ceiling halves), or, with one row at a time already, the items split in two
-        to find the one that cannot run; an item alone that still fails is recorded as
-        ``out_of_memory``."""
+        time (the ceiling halves: :class:`BatchCeiling`), or, with one row at a time already, the
+        items split in two to find the one that cannot run; an item that fails alone is recorded
+        as ``out_of_memory``."""
         release_cached(self.device)
         if not left:
             return []
-        if len(left) == 1:
-            emit(
-                [
-                    self.results.error(
-                        left[0].item, OutOfMemory(f"out of memory with one item: {exc}"), attempts
-                    )
-                ]
-            )
-            return []
-        if rows > 1:  # fewer rows at a time
-            half = (rows + 1) // 2
-            self.oom_ceiling = half if self.oom_ceiling is None else min(self.oom_ceiling, half)
+        if self.memory.failed(rows):  # fewer rows at a time
             again = [left]
+        elif len(left) == 1:  # it failed alone
+            err = OutOfMemory(f"out of memory with one item: {exc}")
+            emit([self.results.error(left[0].item, err, attempts)])
+            return []
         else:  # one row at a time still fails: split to find the item
             mid = (len(left) + 1) // 2
             again = [left[:mid], left[mid:]]
