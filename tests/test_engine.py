@@ -6,7 +6,8 @@ import pytest
 
 from worker.core.schema import GenParams, Item, Message
 from worker.core.settings import Settings
-from worker.engine import PACKED_MAX_ROWS, Engine
+from worker.engine import Engine, build_engine
+from worker.engine.faults import FaultyEngine
 
 PROMPTS = [
     "the patient",
@@ -119,12 +120,16 @@ def test_chat_messages_use_the_template(loaded_fp32) -> None:  # type: ignore[no
 
 def test_system_prompt_is_added(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(loaded_fp32)
-    text, templated = engine.render(Item(index=0, id="p", prompt="fever?"), system_prompt="you are a doctor")
+    text, templated = engine.prompts.render(
+        Item(index=0, id="p", prompt="fever?"), system_prompt="you are a doctor"
+    )
     assert templated and "you are a doctor" in text and "fever?" in text
 
 
 def test_injected_oom_halves_the_batch_and_completes(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
-    engine = Engine(loaded_fp32, max_batch_size=8, settings=Settings(fault_oom_above=2))
+    engine = build_engine(loaded_fp32, max_batch_size=8, settings=Settings(fault_oom_above=2))
+    assert isinstance(engine, FaultyEngine)
+    assert type(build_engine(loaded_fp32, max_batch_size=8, settings=Settings())) is Engine  # no switch
     clean = Engine(loaded_fp32, max_batch_size=8).generate(items(max_new_tokens=8))
     results = engine.generate(items(max_new_tokens=8))
     assert all(r.ok for r in results)
@@ -133,22 +138,18 @@ def test_injected_oom_halves_the_batch_and_completes(loaded_fp32) -> None:  # ty
 
 
 def test_oom_with_one_item_records_that_item(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
-    engine = Engine(loaded_fp32, settings=Settings(fault_oom_above=1))
-
-    # with a ceiling of 1 nothing is over the limit; force it with a limit of 0 via a subclass
-    class AlwaysOOM(Engine):
-        def _run_batch(self, batch, attempts):  # type: ignore[no-untyped-def]
+    class AlwaysOOM(Engine):  # any micro-batch holding i3 runs out of memory, even alone
+        def run_batch(self, batch, rows, attempts, emit, should_stop=None):  # type: ignore[no-untyped-def]
             from worker.core.errors import OutOfMemory
 
             if any(p.item.id == "i3" for p in batch):
                 raise OutOfMemory("injected for i3")
-            return super()._run_batch(batch, attempts)
+            return super().run_batch(batch, rows, attempts, emit, should_stop)
 
     oom = AlwaysOOM(loaded_fp32, max_batch_size=8)
     results = oom.generate(items(max_new_tokens=4))
     assert {r.id for r in results if not r.ok} == {"i3"}
     assert next(r for r in results if r.id == "i3").error_type == "out_of_memory"
-    del engine
 
 
 def test_results_stream_per_micro_batch(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
@@ -203,106 +204,3 @@ def test_plain_loop_matches_the_slot_cache(loaded_fp32) -> None:  # type: ignore
     plain = Engine(loaded_fp32, max_batch_size=4, ignore_eos=True)
     plain.attention = None  # what a sliding-window or flash-attention model gets
     assert [r.text for r in plain.generate(_varied())] == [r.text for r in fast.generate(_varied())]
-
-
-def test_packed_linear_reproduces_nn_linear() -> None:
-    import torch
-
-    from worker.engine import PackedLinear, pack_linear_weights
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
-    x = torch.randn(5, 64)
-    with torch.inference_mode():
-        want = model(x)
-        packed = pack_linear_weights(model)
-        if not packed:
-            pytest.skip("this torch build has no oneDNN linear packing")
-        assert packed == 2 and all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
-        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)  # few rows: packed path
-        # the crossover was measured, and is at least the fallback; past it, the BLAS path
-        assert all(m.packed_max_rows >= PACKED_MAX_ROWS for m in (model[0], model[2]))
-        big = torch.randn(600, 64)
-        plain = torch.nn.functional.linear(
-            torch.relu(torch.nn.functional.linear(big, model[0].weight, model[0].bias)), model[2].weight
-        )
-        for limit in (1 << 30, 599):  # 600 rows through the packed weight, then through BLAS
-            model[0].packed_max_rows = model[2].packed_max_rows = limit
-            torch.testing.assert_close(model(big), plain, atol=1e-4, rtol=1e-4)
-        assert pack_linear_weights(model) == 2  # idempotent
-
-
-def test_packed_crossover_is_measured_per_size() -> None:
-    """The crossover is the largest probed size at which the packed weight won (never below the
-    decode-sized fallback), or no limit when it won at every probe.  A scripted clock decides who
-    wins; the products it times are real."""
-    import torch
-
-    from worker.engine import PackedLinear, pack_linear_weights, packed_crossover
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
-    with torch.inference_mode():
-        if not pack_linear_weights(model):
-            pytest.skip("this torch build has no oneDNN linear packing")
-    layer = model[0]
-    assert isinstance(layer, PackedLinear)
-
-    def clock(packed_wins_up_to: int):  # type: ignore[no-untyped-def]
-        def timer(fn) -> float:  # type: ignore[no-untyped-def]
-            rows = fn().shape[0]  # runs the product; its row count says which probe this is
-            is_packed = "packed" in fn.__name__
-            return 1.0 if is_packed == (rows <= packed_wins_up_to) else 2.0
-
-        return timer
-
-    probes = (512, 1024, 2048)
-    assert packed_crossover(layer, probes, timer=clock(1024)) == 1024
-    assert packed_crossover(layer, probes, timer=clock(0)) == PACKED_MAX_ROWS
-    assert packed_crossover(layer, probes, timer=clock(10**9)) > 2048
-    assert packed_crossover(layer, probes) >= PACKED_MAX_ROWS  # the real clock
-
-
-def test_batch_size_search_stops_when_bigger_stops_paying() -> None:
-    from worker.engine import pick_batch_size, search_batch_sizes
-
-    rates = {4: 100.0, 8: 180.0, 16: 300.0, 32: 305.0, 64: 290.0, 128: 400.0}
-    asked: list[int] = []
-
-    def measure(size: int) -> float:
-        asked.append(size)
-        return rates[size]
-
-    table = search_batch_sizes(list(rates), measure)
-    assert asked == [4, 8, 16, 32, 64]  # 32 and 64 did not beat 300 by 2%: 128 is never tried
-    assert pick_batch_size(table) == 16  # smallest within 95% of the best (305)
-    assert pick_batch_size({}) > 0
-
-
-def test_batch_size_search_stops_at_out_of_memory() -> None:
-    from worker.core.errors import OutOfMemory
-    from worker.engine import search_batch_sizes
-
-    def measure(size: int) -> float:
-        if size >= 16:
-            raise OutOfMemory("injected")
-        return float(size)
-
-    assert search_batch_sizes([4, 8, 16, 32], measure) == {4: 4.0, 8: 8.0}
-    with pytest.raises(ValueError):
-        search_batch_sizes([4], lambda size: (_ for _ in ()).throw(ValueError("not memory")))
-
-
-def test_autotune_measures_once_and_caches(loaded_fp32, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(home=tmp_path)
-    first = Engine(loaded_fp32, settings=settings)
-    chosen = first.autotune(candidates=(1, 2, 4), context=16, steps=2)
-    assert chosen in (1, 2, 4) and first.max_batch_size == chosen
-    assert first.autotuned is not None and first.autotuned["cached"] is False
-    assert set(first.autotuned["tokens_per_second"]) <= {"1", "2", "4"}
-    assert (tmp_path / "autotune.json").exists()
-    again = Engine(loaded_fp32, settings=settings)
-    assert again.autotune(candidates=(1, 2, 4), context=16, steps=2) == chosen
-    assert again.autotuned is not None and again.autotuned["cached"] is True
-    # the tuned size is what generate uses
-    assert again.batch_limit() == chosen and all(r.ok for r in again.generate(items(max_new_tokens=3)))

@@ -74,14 +74,14 @@ def check(profile: str, mode: str, prompt: str, max_new_tokens: int) -> None:
     from worker.core.logs import configure
     from worker.core.profiles import load_profile
     from worker.core.schema import GenParams, Item, Message
-    from worker.engine import Engine
+    from worker.engine import build_engine
     from worker.model.loading import load_model
 
     configure()
     try:
         prof = load_profile(profile)
         loaded = load_model(prof, mode)
-        engine = Engine(loaded, worker=socket.gethostname())
+        engine = build_engine(loaded, worker=socket.gethostname(), autotune=False)
         t0 = time.perf_counter()
         result = engine.generate(
             [

@@ -1,0 +1,87 @@
+"""CPU set-up: packed linear weights and threads, applied by build_engine and never by Engine()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.core.settings import Settings
+from worker.engine import PACKED_MAX_ROWS, Engine, build_engine
+
+
+def test_packed_linear_reproduces_nn_linear() -> None:
+    import torch
+
+    from worker.engine import PackedLinear, pack_linear_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = model(x)
+        packed = pack_linear_weights(model)
+        if not packed:
+            pytest.skip("this torch build has no oneDNN linear packing")
+        assert packed == 2 and all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
+        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)  # few rows: packed path
+        # the crossover was measured, and is at least the fallback; past it, the BLAS path
+        assert all(m.packed_max_rows >= PACKED_MAX_ROWS for m in (model[0], model[2]))
+        big = torch.randn(600, 64)
+        plain = torch.nn.functional.linear(
+            torch.relu(torch.nn.functional.linear(big, model[0].weight, model[0].bias)), model[2].weight
+        )
+        for limit in (1 << 30, 599):  # 600 rows through the packed weight, then through BLAS
+            model[0].packed_max_rows = model[2].packed_max_rows = limit
+            torch.testing.assert_close(model(big), plain, atol=1e-4, rtol=1e-4)
+        assert pack_linear_weights(model) == 2  # idempotent
+
+
+def test_packed_crossover_is_measured_per_size() -> None:
+    """The crossover is the largest probed size at which the packed weight won (never below the
+    decode-sized fallback), or no limit when it won at every probe.  A scripted clock decides who
+    wins; the products it times are real."""
+    import torch
+
+    from worker.engine import PackedLinear, pack_linear_weights, packed_crossover
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with torch.inference_mode():
+        if not pack_linear_weights(model):
+            pytest.skip("this torch build has no oneDNN linear packing")
+    layer = model[0]
+    assert isinstance(layer, PackedLinear)
+
+    def clock(packed_wins_up_to: int):  # type: ignore[no-untyped-def]
+        def timer(fn) -> float:  # type: ignore[no-untyped-def]
+            rows = fn().shape[0]  # runs the product; its row count says which probe this is
+            is_packed = "packed" in fn.__name__
+            return 1.0 if is_packed == (rows <= packed_wins_up_to) else 2.0
+
+        return timer
+
+    probes = (512, 1024, 2048)
+    assert packed_crossover(layer, probes, timer=clock(1024)) == 1024
+    assert packed_crossover(layer, probes, timer=clock(0)) == PACKED_MAX_ROWS
+    assert packed_crossover(layer, probes, timer=clock(10**9)) > 2048
+    assert packed_crossover(layer, probes) >= PACKED_MAX_ROWS  # the real clock
+
+
+def test_engine_constructor_changes_nothing_outside_the_engine(tiny_profile) -> None:  # type: ignore[no-untyped-def]
+    """Engine() leaves torch's thread count and the model's linear classes alone; build_engine
+    (what a worker runs) sets the threads and packs the weights."""
+    from worker.engine.cpu import packed_layers
+    from worker.model.loading import load_model
+
+    loaded = load_model(tiny_profile, "fp32")  # a model of its own: packing is not undone
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Engine(loaded)
+        assert torch.get_num_threads() == 1 and packed_layers(loaded.model) == 0
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN")
+        build_engine(loaded, settings=Settings(threads=2), autotune=False)
+        assert torch.get_num_threads() == 2 and packed_layers(loaded.model) > 0
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,98 @@
+"""The model's forward pass as the decoders call it: inputs, masks, the cache keyword, devices."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; 4.x called it ``past_key_values``."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def fast_attention(model: torch.nn.Module) -> str | None:
+    """``sdpa`` or ``eager`` when the slot cache and a 4-D mask express this model's attention."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return None
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return None
+    return str(impl)
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+class Forward:
+    """Calls one model: left-padded prompts, per-row decode masks, one position of logits."""
+
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, device: torch.device) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.device = device
+        """Where inputs, positions and masks are made."""
+        self.cache_kw = cache_keyword(model)
+        self.attention = fast_attention(model)
+        """``sdpa``/``eager`` when the slot cache and custom masks apply, else None (plain loop)."""
+        self.dtype = compute_dtype(model)
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The logits of each row's last position, [rows, vocab], as float."""
+        extra = {"logits_to_keep": 1} if last_only else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **extra,
+            **{self.cache_kw: cache},
+        )
+        return out.logits[:, -1, :].float()
+
+    def left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids, 2-D attention mask and positions of ``prompts``, padded on the left."""
+        longest = max(map(len, prompts))
+        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, longest - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode_mask(self, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """[rows, 1, 1, span]: row ``i`` sees its keys ``0 … pos[i]`` (bool for sdpa, additive for eager)."""
+        visible = torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)
+        visible = visible[:, None, None, :]
+        if self.attention == "sdpa":
+            return visible
+        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~visible, torch.finfo(self.dtype).min
+        )
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
