@@ -1,0 +1,157 @@
+"""Checks shared by both input formats: known keys, ids, prompts, messages, generation parameters."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from producer.inputs.words import Problem, describe, safe, translate
+from worker.core.schema import MAX_ID_LENGTH, GenParams, Message
+
+KNOWN_TYPOS: Mapping[str, str] = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "max_length": "max_new_tokens",
+    "text": "prompt",
+    "input": "prompt",
+}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Limits applied while reading."""
+
+    max_new_tokens: int | None = None
+    """The profile's hard limit on ``max_new_tokens``; ``None`` leaves it unchecked."""
+
+    max_line_bytes: int = 1_048_576
+    """Longest accepted line, in bytes without the line ending; checked before decoding."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """What a line asks for, whatever its format."""
+
+    id: str | None
+    prompt: str | None
+    messages: list[Message] | None
+    params: GenParams
+
+
+def check_keys(record: Mapping[Any, Any], allowed: frozenset[str], *, prefix: str) -> None:
+    if allowed.issuperset(record):
+        return
+    for key in record:
+        if key not in allowed:
+            name = safe(str(key))
+            hint = KNOWN_TYPOS.get(name) if isinstance(key, str) else None
+            if hint is None or hint not in allowed:
+                close = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.75)
+                hint = close[0] if close else None
+            suggestion = f"; did you mean '{hint}'?" if hint else ""
+            raise Problem(
+                f"unknown field{suggestion} (allowed: {', '.join(sorted(allowed))})", f"{prefix}{name}"
+            )
+
+
+def check_id(value: object, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise Problem(f"must be a string, not {describe(value)}", field_name)
+    if not value:
+        raise Problem("must not be empty", field_name)
+    if len(value) > MAX_ID_LENGTH:
+        raise Problem(f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}", field_name)
+    return check_text(value, field_name)
+
+
+def check_text(value: str, field_name: str) -> str:
+    """Refuse strings that cannot be written back as UTF-8 (unpaired surrogate escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        raise Problem(
+            f"contains an unpaired surrogate escape (\\u{code:04x}) at character {exc.start + 1}",
+            field_name,
+        ) from None
+    return value
+
+
+def check_prompt(value: object, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise Problem(f"must be a string, not {describe(value)}", field_name)
+    if not value.strip():
+        raise Problem("must not be empty or only whitespace", field_name)
+    return check_text(value, field_name)
+
+
+def check_messages(value: object, field_name: str, *, allow_parts: bool) -> list[Message]:
+    if not isinstance(value, list | tuple):
+        raise Problem(f"must be a list of messages, not {describe(value)}", field_name)
+    if not value:
+        raise Problem("must not be empty", field_name)
+    messages = [
+        check_message(raw, f"{field_name}[{i}]", allow_parts=allow_parts) for i, raw in enumerate(value)
+    ]
+    if not any(m.role == "user" for m in messages):
+        raise Problem("needs at least one message with role 'user'", field_name)
+    return messages
+
+
+def check_message(raw: object, field_name: str, *, allow_parts: bool) -> Message:
+    if not isinstance(raw, Mapping):
+        raise Problem(f"must be an object with 'role' and 'content', not {describe(raw)}", field_name)
+    data = dict(raw)
+    if allow_parts:
+        if data.get("role") == "developer":
+            data["role"] = "system"
+        if isinstance(data.get("content"), list):
+            data["content"] = join_text_parts(data["content"], f"{field_name}.content")
+    try:
+        message = Message.model_validate(data)
+    except ValidationError as exc:
+        raise translate(exc, prefix=f"{field_name}.") from None
+    check_text(message.content, f"{field_name}.content")
+    return message
+
+
+def join_text_parts(parts: list[Any], field_name: str) -> str:
+    """OpenAI content parts → one string; only ``{"type": "text", "text": str}`` parts."""
+    texts = []
+    for i, part in enumerate(parts):
+        if not (
+            isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        ):
+            raise Problem(
+                'only text content parts ({"type": "text", "text": "..."}) are supported, '
+                f"got {describe(part)}",
+                f"{field_name}[{i}]",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+NO_PARAMS = GenParams()
+
+
+def check_params(raw: dict[str, Any], limits: InputLimits, name_of: Callable[[str], str]) -> GenParams:
+    """Validate generation parameters; ``name_of`` maps a GenParams field to its field path."""
+    if not raw:
+        return NO_PARAMS
+    try:
+        params = GenParams(**raw)
+    except ValidationError as exc:
+        raise translate(exc, rename=name_of) from None
+    cap = limits.max_new_tokens
+    if cap is not None and params.max_new_tokens is not None and params.max_new_tokens > cap:
+        raise Problem(
+            f"must be at most {cap} (the profile's limit), got {params.max_new_tokens}",
+            name_of("max_new_tokens"),
+        )
+    for i, stop in enumerate(params.stop or ()):
+        check_text(stop, f"{name_of('stop')}[{i}]")
+    return params
