@@ -393,8 +393,8 @@ def _run_embedded(
     params: GenParams,
     system_prompt: str | None,
 ) -> None:
-    from producer.inputs import InputLimits, read_items
-    from producer.options import SubmitOptions, derived_job_id
+    from producer.inputs import read_items
+    from producer.options import SubmitOptions, derived_job_id, input_limits
     from producer.progress import ProgressBar
     from worker.core.logs import configure
     from worker.core.profiles import load_profile
@@ -416,7 +416,7 @@ def _run_embedded(
     read = read_items(
         file,
         skip_invalid=skip_invalid,
-        limits=InputLimits(max_new_tokens=options.profile.limits.max_new_tokens),
+        limits=input_limits(options.profile),
     )
     spec = JobSpec(
         job_id=derived_job_id(file, options),

@@ -81,4 +81,4 @@ def derived_job_id(path: str | os.PathLike[str], options: SubmitOptions) -> str:
 
 def input_limits(profile: Profile) -> InputLimits:
     """What the reader enforces for this profile."""
-    return InputLimits(max_new_tokens=profile.limits.max_new_tokens)
+    return InputLimits(max_new_tokens=profile.limits.max_new_tokens, max_n=profile.limits.max_n)

@@ -278,9 +278,9 @@ OPENAI_CASES: dict[str, Bad] = {
         oa(custom_id="r2"), 4, "custom_id", ('duplicate id "r2"', "line 2"), openai=True
     ),
     "openai_unsupported_body_field": Bad(
-        oa(body={"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+        oa(body={"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
         3,
-        "body.logprobs",
+        "body.tools",
         ("not supported",),
         openai=True,
     ),
@@ -291,11 +291,11 @@ OPENAI_CASES: dict[str, Bad] = {
         (f"at most {LIMIT}",),
         openai=True,
     ),
-    "openai_n_above_one": Bad(
-        oa(body={"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+    "openai_n_above_profile_limit": Bad(
+        oa(body={"messages": [{"role": "user", "content": "hi"}], "n": 17}),
         3,
         "body.n",
-        ("only n = 1",),
+        ("at most 16",),
         openai=True,
     ),
     "openai_prompt_on_chat_url": Bad(

@@ -449,7 +449,14 @@ OPENAI_CASES: list[Case] = [
         "body.prompt",
         "must be a string",
     ),
-    ("n_above_1", lines(OA_GOOD, oa({"messages": USER, "n": 2})), DEFAULT, 2, "body.n", "only n = 1"),
+    (
+        "n_above_profile_limit",
+        lines(OA_GOOD, oa({"messages": USER, "n": 3})),
+        InputLimits(max_n=2),
+        2,
+        "body.n",
+        "must be at most 2 (the profile's limit on samples)",
+    ),
     (
         "stream_true",
         lines(OA_GOOD, oa({"messages": USER, "stream": True})),
@@ -459,12 +466,12 @@ OPENAI_CASES: list[Case] = [
         "stream",
     ),
     (
-        "logprobs",
-        lines(OA_GOOD, oa({"messages": USER, "logprobs": True})),
+        "logit_bias",
+        lines(OA_GOOD, oa({"messages": USER, "logit_bias": {"50256": -100}})),
         DEFAULT,
         2,
-        "body.logprobs",
-        "not supp",
+        "body.logit_bias",
+        "token ids of OpenAI's tokenizers",
     ),
     (
         "tools",
@@ -475,12 +482,23 @@ OPENAI_CASES: list[Case] = [
         "not supported",
     ),
     (
-        "response_format",
-        lines(OA_GOOD, oa({"messages": USER, "response_format": {"type": "json_object"}})),
+        "response_format_lookbehind",
+        lines(
+            OA_GOOD,
+            oa(
+                {
+                    "messages": USER,
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}},
+                    },
+                }
+            ),
+        ),
         DEFAULT,
         2,
-        "body.response_format",
-        "not supported",
+        "body.response_format.json_schema.schema",
+        "look-around",
     ),
     (
         "body_temperature_string",

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.inputs.requests import check_request, split_response_format
 from producer.inputs.words import Problem, describe, safe, translate
 from worker.core.schema import MAX_ID_LENGTH, GenParams, Message
 
@@ -30,6 +31,9 @@ class InputLimits:
 
     max_line_bytes: int = 1_048_576
     """Longest accepted line, in bytes without the line ending; checked before decoding."""
+
+    max_n: int | None = None
+    """The profile's limit on ``n`` (samples per item); ``None`` leaves it unchecked."""
 
 
 @dataclass(frozen=True)
@@ -142,10 +146,13 @@ def check_params(raw: dict[str, Any], limits: InputLimits, name_of: Callable[[st
     """Validate generation parameters; ``name_of`` maps a GenParams field to its field path."""
     if not raw:
         return NO_PARAMS
+    raw = dict(raw)
+    response_format = split_response_format(raw, name_of)
     try:
-        params = GenParams(**raw)
+        params = GenParams(**raw, response_format=response_format)
     except ValidationError as exc:
         raise translate(exc, rename=name_of) from None
+    check_request(params, limits.max_n, name_of)
     cap = limits.max_new_tokens
     if cap is not None and params.max_new_tokens is not None and params.max_new_tokens > cap:
         raise Problem(

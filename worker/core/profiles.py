@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from worker.core.errors import ConfigError, ProfileNotFound
 from worker.core.schema import GenParams
 from worker.core.settings import Settings, get_settings
+from worker.core.structured import MAX_N
 
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -28,6 +29,9 @@ class _Section(BaseModel):
 class Limits(_Section):
     max_new_tokens: Annotated[int, Field(gt=0)] = 4096
     """Hard cap on ``max_new_tokens``; submit refuses items asking for more."""
+
+    max_n: Annotated[int, Field(gt=0, le=MAX_N)] = 16
+    """Most samples per item (``n``); submit refuses items asking for more."""
 
     context_length: Annotated[int, Field(gt=0)] | None = None
     """Prompt + completion tokens an item may use.  Default: the model's

@@ -13,16 +13,27 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from worker.core.states import FinishReason, ItemStatus, Mode, QueueMode
+from worker.core.structured import MAX_N, MAX_TOP_LOGPROBS, Choice, ResponseFormat, TokenLogprob
 
 MAX_STOP_SEQUENCES = 16
+REQUEST_FIELDS = frozenset(
+    {"response_format", "logprobs", "top_logprobs", "n", "presence_penalty", "frequency_penalty"}
+)
+"""GenParams fields of issue 14, left out of the JSON when unset."""
+RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices"})
+"""ItemResult fields of issue 14, left out of the JSON when unset."""
 MAX_ID_LENGTH = 512
 
 
@@ -39,6 +50,26 @@ class GenParams(_Strict):
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     seed: StrictInt | None = None
     stop: list[StrictStr] | None = None
+
+    # --- OpenAI request fields (issue 14; worker/core/structured.py) ---------------------------
+    response_format: ResponseFormat | None = None
+    """JSON output enforced while decoding (``json_object`` or ``json_schema``)."""
+    logprobs: StrictBool | None = None
+    """Return each generated token's log-probability."""
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """With ``logprobs``: also the most likely alternatives at each position."""
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    """Samples per item, each with its own seed (:func:`worker.core.structured.sample_seed`)."""
+    presence_penalty: Annotated[StrictFloat | StrictInt, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[StrictFloat | StrictInt, Field(ge=-2, le=2)] | None = None
+    """OpenAI's penalties on tokens already generated: ``logit -= count × frequency_penalty +
+    (count > 0) × presence_penalty``."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_request_fields(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        return _omit_none(handler(self), REQUEST_FIELDS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -73,6 +104,12 @@ class GenParams(_Strict):
 
 
 PARAM_FIELDS: tuple[str, ...] = tuple(GenParams.model_fields)
+
+
+def _omit_none(data: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    """``data`` without the ``fields`` that are None: items, results and digests made before
+    these fields existed keep their exact JSON (and a million stored items no null keys)."""
+    return {k: v for k, v in data.items() if not (k in fields and v is None)}
 
 
 class Message(_Strict):
@@ -127,6 +164,25 @@ class ItemResult(_Strict):
     latency_ms: float | None = None
     error: ErrorInfo | None = None
 
+    # --- OpenAI request fields (issue 14; worker/core/structured.py) ---------------------------
+    model: str | None = None
+    """The base model that answered, with its adapter (``base:adapter``)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With ``logprobs``: one entry per generated token."""
+    json_valid: bool | None = None
+    """With a JSON ``response_format``: true when the text is complete JSON that satisfies the
+    schema (the constraint guarantees it for ``finish_reason: stop``), false when ``max_tokens``
+    or a stop string cut it short."""
+    choices: list[Choice] | None = None
+    """With ``n`` > 1: every sample; ``text``, ``finish_reason``, ``logprobs`` and ``json_valid``
+    then describe sample 0 (for the Python API) and the native row carries only ``choices``."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_request_fields(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        return _omit_none(handler(self), RESULT_FIELDS)
+
     @property
     def ok(self) -> bool:
         return self.status == "ok"
@@ -141,6 +197,9 @@ class ItemResult(_Strict):
         if self.status == "error":
             row.pop("text", None)
             row.pop("finish_reason", None)
+        if self.choices is not None:  # n > 1: the samples, once each
+            for key in ("text", "finish_reason", "logprobs", "json_valid"):
+                row.pop(key, None)
         return row
 
 
