@@ -3,7 +3,9 @@
 * native: one :meth:`ItemResult.public` object per line.
 * openai: the shape of OpenAI Batch API output lines — ``{"id", "custom_id", "response",
   "error"}``, where ``response.body`` is a ``chat.completion`` for chat items and a
-  ``text_completion`` for prompt items (``chat.completion`` when the item is unknown).  Ids
+  ``text_completion`` for prompt items (``chat.completion`` when the item is unknown), its
+  ``model`` the base model and adapter that answered (``base:adapter``), its ``choices`` one per
+  sample with logprobs in the endpoint's own shape (:mod:`worker.core.choices`).  Ids
   (``batch_req_…``, ``req_…``, ``chatcmpl-…``/``cmpl-…``) are derived from the item id, so the
   same results always give the same ids.
 
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from worker.core.choices import openai_choices
 from worker.core.errors import InputError, OutputPathError
 from worker.core.schema import Item, ItemResult
 from worker.core.states import CountField, ErrorCode
@@ -237,26 +240,14 @@ def _openai_row(result: ItemResult, item: Item | None, *, model: str, created: i
 def _openai_body(
     result: ItemResult, item: Item | None, digest: str, *, model: str, created: int
 ) -> dict[str, Any]:
-    text = result.text or ""
-    finish_reason = result.finish_reason or "stop"
     chat = item is None or item.messages is not None
-    choice: dict[str, Any]
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     usage = result.usage
     return {
         "id": f"chatcmpl-{digest}" if chat else f"cmpl-{digest}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
-        "model": model,
-        "choices": [choice],
+        "model": result.model or model,
+        "choices": openai_choices(result, chat=chat),
         "usage": {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,

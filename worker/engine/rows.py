@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from worker.core.schema import ErrorInfo, Item, ItemResult, Usage, error_result
 from worker.core.states import FinishReason, ItemStatus, Mode
 from worker.engine.prompts import Prepared, Tokenizer
 from worker.engine.sampling import choose_tokens, make_generator, result_text, stop_reason
+
+if TYPE_CHECKING:
+    from worker.engine.shaping import RowExtras, Shaper
 
 
 @dataclass
@@ -25,6 +29,8 @@ class Row:
     generator: torch.Generator | None = None
     started: float = field(default_factory=time.perf_counter)
     done_at: float = 0.0
+    extras: RowExtras | None = None
+    """Constraint, logprobs, penalties (:mod:`worker.engine.shaping`); set at the first step."""
 
     @classmethod
     def start(cls, prep: Prepared) -> Row:
@@ -39,18 +45,25 @@ class RowRules:
         self.eos = frozenset(eos)
         self.ignore_eos = ignore_eos
         """Benchmarks: rows stop only at ``max_new_tokens`` (or a stop string), never at EOS."""
+        self.shaper: Shaper | None = None
+        """Penalties, JSON constraints and logprobs (set by the engine)."""
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def pick(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         """Next token per row of ``logits`` ([rows, vocab], float)."""
-        return choose_tokens(logits, [r.prep.params for r in rows], [r.generator for r in rows])
+        raw = self.shaper.shape(logits, rows) if self.shaper is not None else None
+        chosen = choose_tokens(logits, [r.prep.params for r in rows], [r.generator for r in rows])
+        if raw is not None and self.shaper is not None:
+            self.shaper.record(raw, chosen, rows)
+        return chosen
 
     def add(self, row: Row, token: int) -> bool:
         """Append ``token`` to ``row``; True (and ``row.finish`` set) when the row is done."""
         row.tokens.append(token)
-        reason = stop_reason(
+        reason = self.shaper.advance(row, token) if self.shaper is not None else None
+        reason = reason or stop_reason(
             row.tokens,
             max_new=row.prep.max_new,
             eos=self.eos,
@@ -73,6 +86,8 @@ class Results:
         self.profile = profile
         self.mode = mode
         self.worker = worker
+        self.model: str | None = None
+        """The base model and adapter that answer (``base:adapter``), set by the engine."""
 
     def ok(self, row: Row, attempts: int) -> ItemResult:
         text, reason = result_text(
@@ -80,6 +95,8 @@ class Results:
         )
         row.finish = reason
         item = row.prep.item
+        shaper = self.rules.shaper
+        extra = shaper.result_fields(row, text, reason) if shaper is not None else {}
         return ItemResult(
             index=item.index,
             id=item.id,
@@ -93,6 +110,8 @@ class Results:
             worker=self.worker,
             attempts=attempts,
             latency_ms=round(((row.done_at or time.perf_counter()) - row.started) * 1000, 2),
+            model=self.model,
+            **extra,
         )
 
     def error(self, item: Item, exc: GenqError, attempts: int) -> ItemResult:
@@ -103,4 +122,5 @@ class Results:
             mode=self.mode,
             worker=self.worker,
             attempts=attempts,
+            model=self.model,
         )

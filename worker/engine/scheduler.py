@@ -22,7 +22,9 @@ from worker.engine.forward import Forward
 from worker.engine.memory import BatchCeiling, is_oom, release_cached
 from worker.engine.padded import decode_padded
 from worker.engine.prompts import Prepared, Prompts
+from worker.engine.requests import attach_requests
 from worker.engine.rows import Results, Row, RowRules
+from worker.engine.samples import generate_samples, needs_samples
 from worker.engine.slots import SlotDecoder
 from worker.model.loading import Loaded
 
@@ -72,6 +74,7 @@ class Engine:
         )
         self.rules = RowRules(self.tokenizer, loaded.eos_token_ids, ignore_eos=ignore_eos)
         self.results = Results(self.rules, profile=loaded.profile.name, mode=loaded.mode, worker=worker)
+        attach_requests(self)  # response_format, logprobs, penalties; the model's name on results
         self.slots = SlotDecoder(self.forward, self.rules)
         self.autotuned: dict[str, Any] | None = None
         self.log = get_logger(profile=loaded.profile.name, mode=loaded.mode)
@@ -147,6 +150,17 @@ class Engine:
         soon as they exist (each call holds at most ``batch_limit()`` results); ``should_stop`` is
         checked between micro-batches and before rows are refilled, and raises
         :class:`ShutdownRequested` once the rows in flight finish (what is done stays done)."""
+        if needs_samples(items, job_params, self.prompts.defaults):  # n > 1: one item per sample
+            return generate_samples(
+                self.generate,
+                items,
+                self.prompts.defaults,
+                job_params=job_params,
+                system_prompt=system_prompt,
+                on_results=on_results,
+                should_stop=should_stop,
+                attempts=attempts,
+            )
         out: dict[int, ItemResult] = {}
 
         def emit(results: list[ItemResult]) -> None:

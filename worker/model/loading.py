@@ -390,6 +390,7 @@ def load_model(
         context_length=context,
         eos_token_ids=eos,
     )
+    loaded.extra.update(base_model=sources.base_id, adapter_model=sources.adapter_id)
     if decision.device == "cuda":
         loaded.extra["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
     log.info("model_loaded", **loaded.summary())
