@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,7 @@ from worker.core.schema import GenParams
 from worker.core.settings import get_settings
 
 if TYPE_CHECKING:
-    from producer.client import Client, Job
-    from worker.core.schema import Item, ItemResult
+    from producer.client import Client
 
 _current_job: list[str] = []
 """The id of the job this command works on, once known (for the interrupt message)."""
@@ -167,13 +166,28 @@ def submit(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (a list with no JOB).")
 @click.option("--watch", is_flag=True, help="Live progress until the job ends.")
 @click.option("--limit", type=int, default=20, show_default=True, help="Jobs listed with no JOB.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["native", "openai"]),
+    default="native",
+    show_default=True,
+    help="openai: JOB as OpenAI's Batch object (JSON).",
+)
 @handle_errors
-def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
+def status(job_id: str | None, as_json: bool, watch: bool, limit: int, fmt: str) -> None:
     """Counts, tokens, throughput, ETA and workers of JOB.  With no JOB: recent jobs, partial,
     stale and finished, with what each takes in Redis."""
     from producer.progress import follow, summary_line
 
     c = client()
+    if fmt == "openai":
+        if job_id is None:
+            raise InputError(
+                "--format openai needs a JOB (it prints that job's Batch object)", field="format"
+            )
+        click.echo(json.dumps(c.job(job_id).batch_object()))
+        return
     if job_id is None:
         states = c.jobs(limit, sizes=True)
         if as_json:
@@ -197,29 +211,6 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
             click.echo(f"  {name}: {stats.get('items', 0)} items, {stats.get('tokens', 0)} tokens")
 
 
-def write_collected(job: Job, output: Path, fmt: str, include_unfinished: bool) -> tuple[int, int, int]:
-    """Write the job's results (input order, streamed); returns (written, pending, ended)."""
-    from worker.core.counting import NOT_RUN_CODES
-    from worker.core.outputs import write_results
-
-    counts = {"pending": 0, "ended": 0}
-    spec = job.client.store.spec(job.id)
-
-    def rows() -> Iterator[tuple[ItemResult, Item]]:
-        for _index, result, item in job.pairs():
-            if result is None:
-                counts["pending"] += 1
-                continue
-            if result.error_type in NOT_RUN_CODES:
-                counts["ended"] += 1
-                if not include_unfinished:
-                    continue
-            yield result, item
-
-    written = write_results(rows(), output, fmt, model=spec.profile)  # type: ignore[arg-type]
-    return written, counts["pending"], counts["ended"]
-
-
 @cli.command()
 @click.argument("job_id")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
@@ -227,18 +218,33 @@ def write_collected(job: Job, output: Path, fmt: str, include_unfinished: bool) 
 @click.option(
     "--all", "include_unfinished", is_flag=True, help="Also write cancelled and expired items as errors."
 )
+@click.option(
+    "--errors-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write errored items here instead of OUTPUT (OpenAI's error file).",
+)
 @handle_errors
-def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool) -> None:
+def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, errors_file: Path | None) -> None:
     """Write JOB's results in input order, each item once (finished ones; says what is pending)."""
+    from worker.core.errors import OutputPathError
     from worker.core.outputs import check_output_path
 
     check_output_path(output)
+    if errors_file is not None:
+        check_output_path(errors_file, inputs=[output])
+        if errors_file.resolve() == output.resolve():
+            raise OutputPathError(f"--errors-file {errors_file} is the output file; choose another")
     job = client().job(job_id)
-    written, pending, ended = write_collected(job, output, fmt, include_unfinished)
+    from producer.collect import write_collected
+
+    written, pending, ended, errored = write_collected(job, output, fmt, include_unfinished, errors_file)
     state = job.status()
     left_out = "" if include_unfinished or not ended else f"{ended} cancelled/expired left out (--all); "
+    to_errors = f"{errored} errors to {errors_file}; " if errors_file is not None else ""
     click.echo(
-        f"wrote {written} results to {output}; {left_out}{pending} pending; status {state.status}", err=True
+        f"wrote {written} results to {output}; {to_errors}{left_out}{pending} pending; status {state.status}",
+        err=True,
     )
 
 
@@ -378,7 +384,9 @@ def run(
         on_wait=waiting,
     )
     job.wait(progress=True)
-    written, _pending, _ended = write_collected(job, output, fmt, include_unfinished=False)
+    from producer.collect import write_collected
+
+    written, _pending, _ended, _errored = write_collected(job, output, fmt, include_unfinished=False)
     click.echo(f"wrote {written} results to {output}", err=True)
 
 
@@ -440,6 +448,43 @@ def _run_embedded(
         f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode})",
         err=True,
     )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--profile", required=True, help="Model profile (configs/NAME.yaml).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--skip-invalid", is_flag=True, help="Count bad lines as errored items instead of refusing.")
+@param_options
+@handle_errors
+def estimate(file: Path, profile: str, as_json: bool, skip_invalid: bool, **kw: Any) -> None:
+    """Tokens in (the profile's tokenizer and chat template), a bound on tokens out, memory per
+    mode and time per worker class (from the speed workers measured) for FILE, before running."""
+    from producer.estimate import estimate_file, render
+    from worker.core.profiles import load_profile
+
+    system_prompt = kw.pop("system_prompt")
+    params = job_params(kw)
+    settings = get_settings()
+    measured, live = [], []
+    if settings.broker:
+        c = client()
+        measured, live = c.store.throughputs(profile), c.workers()
+    report = estimate_file(
+        file,
+        load_profile(profile, settings),
+        settings,
+        params=params,
+        system_prompt=system_prompt,
+        skip_invalid=skip_invalid,
+        measured=measured,
+        live=live,
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        for line in render(report):
+            click.echo(line)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -113,6 +113,16 @@ class Job:
         for _index, result, _item in self.pairs():
             if result is not None:
                 yield result
+
+    def batch_object(self) -> dict[str, Any]:
+        """This job as OpenAI's Batch object (:mod:`producer.batch`)."""
+        from producer.batch import batch_object
+
+        store = self.client.store
+        first = store.items(self.id, [0]) if store.spec(self.id).total else []
+        chat = not first or first[0].prompt is None
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        return batch_object(self.status(), store.output_files(self.id), endpoint=endpoint)
 
     def cancel(self) -> JobState:
         return self.client.store.request_cancel(self.id)

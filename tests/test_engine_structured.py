@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 
-from tests.test_structured import QUESTIONS, SCHEMAS
+from tests.schemas import QUESTIONS, SCHEMAS
 from worker.core.outputs import result_row
 from worker.core.schema import GenParams, Item, Message
 from worker.core.structured import ResponseFormat
@@ -129,3 +129,20 @@ def test_penalties_change_greedy_repetition(engine: Engine) -> None:
     penalised = engine.generate([item(0, max_new_tokens=24, frequency_penalty=2.0, presence_penalty=2.0)])[0]
     assert plain.text != penalised.text
     assert len(set(penalised.text or "")) >= len(set(plain.text or "")) - 2
+
+
+def test_estimate_counts_prompt_tokens_as_the_worker_does(engine: Engine) -> None:
+    """`genq estimate` tokenises without torch (tokenizers + the chat template in jinja2); its
+    counts equal the engine's for prompts, chat messages and a system prompt."""
+    from producer.tokens import PromptCounter
+    from worker.model.files import model_files
+
+    counter = PromptCounter(model_files(engine.loaded.profile).base)
+    cases = [
+        (Item(index=0, id="p", prompt="the patient has a history of chest pain"), None),
+        (Item(index=1, id="c", messages=[Message(role="user", content="what is the dose ?")]), None),
+        (item(2), "Answer in JSON."),
+        (Item(index=3, id="s", prompt="fever , cough"), "be brief"),
+    ]
+    for it, system in cases:
+        assert counter.count(it, system) == len(engine.prepare(it, None, system).ids)

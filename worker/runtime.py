@@ -20,6 +20,7 @@ from worker.core.logs import get_logger
 from worker.core.profiles import Profile
 from worker.core.settings import Settings, get_settings
 from worker.core.states import Mode
+from worker.core.throughput import Throughput
 
 if TYPE_CHECKING:
     from worker.chunks import Engine
@@ -57,6 +58,7 @@ class Runtime:
         self.mode: Mode | None = None
         self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
+        self._hardware: str | None = None
         self.log = get_logger(worker=self.name)
 
     @property
@@ -112,14 +114,48 @@ class Runtime:
             "tokens": self.stats.tokens,
             "chunks": self.stats.chunks,
             "tokens_per_second": round(self.stats.rate, 2),
+            "hardware": self.hardware,
             "current": self.stats.current,
             "started_at": self.stats.started_at,
             "seen_at": time.time(),
         }
 
+    @property
+    def hardware(self) -> str | None:
+        """The CPU model, or the GPU's name: with the mode and device, this worker's class."""
+        if self.loaded is None:
+            return None
+        if self._hardware is None:
+            from worker.engine.cpu import cpu_name
+
+            if self.loaded.device == "cuda":
+                import torch
+
+                self._hardware = str(torch.cuda.get_device_name(0))
+            else:
+                self._hardware = cpu_name()
+        return self._hardware
+
+    def throughput(self) -> Throughput | None:
+        """The measured speed of this worker's class (None before its first chunk)."""
+        if self.profile is None or self.mode is None or self.loaded is None or self.stats.rate <= 0:
+            return None
+        return Throughput(
+            profile=self.profile.name,
+            mode=str(self.mode),
+            device=self.loaded.device,
+            hardware=self.hardware or "?",
+            tokens_per_second=round(self.stats.rate, 2),
+            measured_at=time.time(),
+            source=f"worker:{self.name}",
+        )
+
     def beat(self) -> None:
         try:
             self.store.heartbeat(self.name, self.info(), ttl=3 * self.settings.heartbeat_interval)
+            measured = self.throughput()
+            if measured is not None:
+                self.store.record_throughput(measured)
         except Exception as exc:  # a missed heartbeat must never stop the work
             self.log.warning("heartbeat_failed", error=str(exc)[:200])
 

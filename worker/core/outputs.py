@@ -40,6 +40,7 @@ __all__ = [
     "row_count_field",
     "trim_partial_line",
     "write_results",
+    "write_split",
 ]
 
 OutputFormat = Literal["native", "openai"]
@@ -106,6 +107,42 @@ def write_results(
         _remove_quietly(tmp)
         raise
     return count
+
+
+def write_split(
+    pairs: Iterable[tuple[ItemResult, Item | None]],
+    path: str | os.PathLike[str],
+    errors: str | os.PathLike[str],
+    fmt: OutputFormat = "native",
+    *,
+    model: str,
+) -> tuple[int, int]:
+    """Like :func:`write_results`, with errored items in ``errors`` instead (OpenAI's output and
+    error files); returns (rows in ``path``, rows in ``errors``).  Both files are replaced only
+    once both are complete."""
+    targets = (os.fspath(path), os.fspath(errors))
+    tmps = tuple(t + ".tmp" for t in targets)
+    created = int(time.time())
+    counts = [0, 0]
+    try:
+        with (
+            open(tmps[0], "w", encoding="utf-8", newline="\n") as ok,
+            open(tmps[1], "w", encoding="utf-8", newline="\n") as bad,
+        ):
+            for result, item in pairs:
+                which = 0 if result.ok else 1
+                (ok, bad)[which].write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
+                counts[which] += 1
+            for fh in (ok, bad):
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, target in zip(tmps, targets, strict=True):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in tmps:
+            _remove_quietly(tmp)
+        raise
+    return counts[0], counts[1]
 
 
 def append_row(fh: IO[str], row: dict[str, Any]) -> None:

@@ -17,7 +17,9 @@ from worker.core.logs import get_logger
 from worker.core.outputs import OutputFormat, check_output_path, read_done, row_count_field, trim_partial_line
 from worker.core.profiles import load_profile
 from worker.core.schema import ChunkRef, Counts, Item, JobSpec
+from worker.core.settings import get_settings
 from worker.core.states import LoadMode
+from worker.core.throughput import Throughput, record_local
 from worker.local.manifest import plan_resume, rewrite_rows, write_manifest
 from worker.local.store import WORKER, LocalStore
 
@@ -111,6 +113,7 @@ def _generate(
 
     loaded = load_model(load_profile(spec.profile), mode)
     engine = build_engine(loaded, worker=WORKER)
+    started, tokens_before = time.monotonic(), store.completion_tokens
     queue: deque[tuple[str, list[int]]] = deque(
         (chunk_id(n), list(chunk_range(n, len(items), spec.chunk_size)))
         for n in range(chunk_count(len(items), spec.chunk_size))
@@ -125,4 +128,32 @@ def _generate(
             continue
         ref = ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=indices)
         process_chunk(store, engine, ref, worker=WORKER, max_attempts=max_attempts, publish=publish)
+    _record_speed(spec.profile, loaded, store.completion_tokens - tokens_before, time.monotonic() - started)
     return str(loaded.mode)
+
+
+def _record_speed(profile: str, loaded: Any, tokens: int, seconds: float) -> None:
+    """Keep this machine's measured speed for `genq estimate` (runs of a few tokens say little)."""
+    if tokens < 64 or seconds <= 0:
+        return
+    from worker.engine.cpu import cpu_name
+
+    if loaded.device == "cuda":
+        import torch
+
+        hardware = str(torch.cuda.get_device_name(0))
+    else:
+        hardware = cpu_name()
+    measured = Throughput(
+        profile=profile,
+        mode=str(loaded.mode),
+        device=str(loaded.device),
+        hardware=hardware,
+        tokens_per_second=round(tokens / seconds, 2),
+        measured_at=time.time(),
+        source=WORKER,
+    )
+    try:
+        record_local(get_settings().home, measured)
+    except OSError as exc:  # a speed note must never fail a run
+        get_logger().warning("throughput_not_recorded", error=str(exc))

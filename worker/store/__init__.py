@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from worker.store.connection import check_reachable, connect
 from worker.store.events import JobEvents
+from worker.store.files import OutputFiles
 from worker.store.keys import events_channel
 from worker.store.submit import SubmitLock, SubmitStore
 from worker.store.workers import WorkerRegistry
@@ -20,7 +21,7 @@ from worker.store.workers import WorkerRegistry
 __all__ = ["JobEvents", "RedisStore", "SubmitLock", "check_reachable", "connect"]
 
 
-class RedisStore(SubmitStore, WorkerRegistry):
+class RedisStore(SubmitStore, WorkerRegistry, OutputFiles):
     """The job store.  Every method is safe to call again after a failure (idempotent)."""
 
     def events(self, job_id: str) -> JobEvents:

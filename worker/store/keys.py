@@ -18,7 +18,8 @@ All keys live under ``genq:``.  A job's keys:
 =============================  ============================================================
 
 Others: ``jobs`` (sorted set: job id by creation time, the job index), ``worker:<name>``
-(heartbeat JSON with a TTL) and ``workers`` (sorted set: worker name by last heartbeat).
+(heartbeat JSON with a TTL), ``workers`` (sorted set: worker name by last heartbeat) and
+``throughput`` (hash: worker class → measured tokens/s, for `genq estimate`).
 
 Plain chunks are ranges: chunk ``c<n>`` holds items ``n × chunk_size`` up to the next chunk, so
 a million-item job stores no chunk records at all (:func:`worker.chunks.chunk_range`).
@@ -29,6 +30,8 @@ from __future__ import annotations
 PREFIX = "genq:"
 JOBS_INDEX = f"{PREFIX}jobs"
 WORKERS_INDEX = f"{PREFIX}workers"
+THROUGHPUT = f"{PREFIX}throughput"
+"""Hash: worker class (profile|mode|device|hardware) → the last measured tokens/s (JSON)."""
 
 JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers")
 """The keys a job's data lives in besides its hash: they expire together with it."""

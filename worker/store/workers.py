@@ -6,8 +6,9 @@ import json
 import time
 from typing import Any
 
+from worker.core.throughput import Throughput
 from worker.store.base import StoreBase
-from worker.store.keys import WORKERS_INDEX, worker_key
+from worker.store.keys import THROUGHPUT, WORKERS_INDEX, worker_key
 
 
 class WorkerRegistry(StoreBase):
@@ -35,3 +36,13 @@ class WorkerRegistry(StoreBase):
             else:
                 live.append(json.loads(value))
         return live
+
+    # --- measured speed per worker class (kept after the workers stop) ---------------------------
+
+    def record_throughput(self, measured: Throughput) -> None:
+        self._call(self.r.hset, THROUGHPUT, measured.key, measured.to_json())
+
+    def throughputs(self, profile: str) -> list[Throughput]:
+        raw = self._call(self.r.hgetall, THROUGHPUT) or {}
+        found = (Throughput.from_json(v) for v in raw.values())
+        return [t for t in found if t is not None and t.profile == profile]
