@@ -54,6 +54,15 @@ def test_cli_job_through_one_fp32_worker(
     listed = json.loads(genq(redis_server.url, "workers", "--json").stdout)
     assert [w["name"] for w in listed] == ["fp32-a"]
     assert listed[0]["mode"] == "fp32" and listed[0]["items"] >= 60
+    # quiet by default: one log format (Celery's own lines and warnings too), no library chatter
+    fp32_worker.stop()
+    plain = [line for line in fp32_worker.log_path.read_text().splitlines() if line.strip()]
+    not_json = [line for line in plain if not line.startswith("{")]
+    assert not_json == ["worker: Warm shutdown (MainProcess)"], not_json
+    events = [json.loads(line) for line in plain if line.startswith("{")]
+    assert any(e.get("logger", "").startswith("celery") and "succeeded" in e["event"] for e in events)
+    for noise in ("kernels", "Token indices sequence length", "Traceback", "Loading checkpoint"):
+        assert not any(noise in line for line in plain), noise
 
 
 def test_embedded_run_gives_the_same_rows(tmp_path: Path) -> None:

@@ -34,6 +34,13 @@ def _grammar(schema_json: str) -> str:
 
 
 def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why ``schema`` cannot be enforced (None: it can); see :func:`_schema_problem`.  Checked
+    once per distinct schema (a file usually repeats a few)."""
+    return _schema_problem(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(schema_json: str) -> str | None:
     """Why ``schema`` cannot be enforced (None: it can): not a valid JSON Schema (checked against
     the 2020-12 meta-schema), or a feature the grammar compiler does not support (look-around in
     a ``pattern``, an unknown ``format``, ...).  The words come from jsonschema or llguidance."""
@@ -41,13 +48,14 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     from jsonschema.exceptions import SchemaError
     from llguidance import LLMatcher
 
+    schema = json.loads(schema_json)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         return f"is not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else "")
     try:
-        grammar = _grammar(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+        grammar = _grammar(schema_json)
     except ValueError as exc:
         return f"cannot be compiled: {exc}"
     error = LLMatcher.validate_grammar(grammar)
