@@ -11,12 +11,15 @@ prompts (mixed lengths, fixed seed) and greedy decoding with EOS ignored, so eve
 exactly ``new-tokens`` per prompt:
 
 * **engine**: ``Engine.generate`` on all prompts (the batch size measured first, outside the timing);
-* **padded**: HF ``generate`` on left-padded batches of 32 and 64 prompts (:func:`bench.hf.run_padded`);
+* **padded**: HF ``generate`` on left-padded batches of 32 and 64 prompts (:func:`bench.hf.run_padded`),
+  on the engine's packed weights (the same kernels) and on plain ``nn.Linear`` (what transformers
+  alone runs);
 * **naive**: HF ``generate`` one prompt at a time (``--naive-items`` prompts spread over the length
   range: its rate is per token and hardly depends on the batch it is taken from);
 * **generate_batch**: transformers' continuous batching, where it runs (``--skip-generate-batch``).
 
-Headline ratios: ``vs_padded`` = engine ÷ the best padded batch, ``speedup`` = engine ÷ naive.
+Headline ratios: ``vs_padded`` = engine ÷ the best padded run (of all of them), ``vs_padded_plain``
+= engine ÷ the best padded run on plain ``nn.Linear``, ``speedup`` = engine ÷ naive.
 ``roofline_fraction`` = the FLOPs the workload needs (prefill, decode, attention, vocabulary
 projection: :func:`bench.flops.needed_flops`) ÷ engine seconds ÷ the best kernel measured here
 (:func:`bench.flops.kernel_peak`): its ceiling is 1.  With ``--json`` the last line is one JSON object.
@@ -32,7 +35,7 @@ from typing import Any
 
 from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
 from bench.flops import Shape, kernel_peak, needed_flops, non_embedding_parameters
-from bench.hf import run_generate_batch, run_naive, run_padded, spread
+from bench.hf import plain_linears, run_generate_batch, run_naive, run_padded, spread
 
 __all__ = ["main", "non_embedding_parameters", "run_engine", "spread"]
 
@@ -59,10 +62,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--naive-items", type=int, default=16, help="Prompts for the one-at-a-time run.")
     ap.add_argument("--padded", default="32,64", help="Batch sizes of the padded HF baseline ('' for none).")
+    ap.add_argument(
+        "--padded-plain",
+        default="32,64",
+        help="The same on plain nn.Linear layers, as transformers runs them.",
+    )
     ap.add_argument("--skip-generate-batch", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
     args = ap.parse_args(argv)
     padded_sizes = sorted({int(b) for b in args.padded.split(",") if b.strip()})
+    plain_sizes = sorted({int(b) for b in args.padded_plain.split(",") if b.strip()})
 
     from worker.core.profiles import load_profile
     from worker.engine import build_engine
@@ -88,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     padded: dict[int, tuple[float, int]] = {}
     for b in padded_sizes:
         padded[b] = run_padded(loaded, items, args.new_tokens, b)
+    plain: dict[int, tuple[float, int]] = {}
+    with plain_linears(loaded.model):
+        for b in plain_sizes:
+            plain[b] = run_padded(loaded, items, args.new_tokens, b)
 
     naive_items = spread(items, args.naive_items)
     run_naive(loaded, naive_items[:1], 4)  # warm-up
@@ -104,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     naive_tps = naive_tokens / naive_s
     engine_tps = engine_tokens / engine_s
     padded_tps = {b: t / s for b, (s, t) in padded.items()}
-    best_padded = max(padded_tps.values(), default=None)
+    plain_tps = {b: t / s for b, (s, t) in plain.items()}
+    best_padded = max([*padded_tps.values(), *plain_tps.values()], default=None)
+    best_plain = max(plain_tps.values(), default=None)
     roofline = flops / engine_s / peak["best"]
     result: dict[str, Any] = {
         "benchmark": "engine",
@@ -119,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "engine_batch_size": tuned,
         "autotune": engine.autotuned,
         "padded_tok_s": {str(b): round(t, 2) for b, t in padded_tps.items()},
+        "padded_plain_tok_s": {str(b): round(t, 2) for b, t in plain_tps.items()},
         "vs_padded": round(engine_tps / best_padded, 2) if best_padded else None,
+        "vs_padded_plain": round(engine_tps / best_plain, 2) if best_plain else None,
         "naive_items": len(naive_items),
         "naive_tok_s": round(naive_tps, 2),
         "speedup": round(engine_tps / naive_tps, 2),
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append(_row("naive HF generate, batch 1", len(naive_items), naive_tokens, naive_s, naive_tps))
     for b, (s, t) in padded.items():
         rows.append(_row(f"HF generate, left-padded batches of {b}", len(items), t, s, naive_tps))
+    for b, (s, t) in plain.items():
+        rows.append(_row(f"the same, plain nn.Linear, batches of {b}", len(items), t, s, naive_tps))
     rows.append(_row(f"genq engine (batch {tuned})", len(items), engine_tokens, engine_s, naive_tps))
     if isinstance(batch, tuple):
         batch_s, batch_tokens = batch

@@ -2,7 +2,9 @@
 
 * **naive**: ``model.generate`` one prompt at a time;
 * **padded**: ``model.generate`` on left-padded batches of ``B`` prompts (sorted by length first,
-  which only helps it: less padding) — what a user would try before anything else;
+  which only helps it: less padding) — what a user would try before anything else.  On the model as
+  the engine holds it (its linear layers prepacked for oneDNN: the same kernels), and on the plain
+  ``nn.Linear`` model a user gets from transformers (:func:`plain_linears`);
 * **generate_batch**: transformers' own continuous batching, where this transformers has it.
 
 All greedy with EOS ignored (``min_new_tokens`` = ``max_new_tokens``), so every run generates
@@ -12,9 +14,27 @@ exactly the tokens asked for.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+
+@contextmanager
+def plain_linears(model: Any) -> Iterator[int]:
+    """The model with genq's packed linear layers back to plain ``nn.Linear`` (the default BLAS
+    call, as transformers runs them) for the duration; yields how many were switched."""
+    from worker.engine.cpu import PackedLinear
+
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in packed:
+        m.__class__ = torch.nn.Linear  # type: ignore[assignment]
+    try:
+        yield len(packed)
+    finally:
+        for m in packed:
+            m.__class__ = PackedLinear
 
 
 def spread(items: list[Any], n: int) -> list[Any]:

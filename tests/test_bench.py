@@ -29,13 +29,14 @@ def test_scaling_benchmark_smoke() -> None:
 def test_engine_benchmark_smoke() -> None:
     result = engine.main(
         ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--padded", "4,8",
-         "--skip-generate-batch"]
+         "--padded-plain", "8", "--skip-generate-batch"]
     )  # fmt: skip
     # EOS is ignored, so every prompt generates exactly --new-tokens
     assert result["engine_tokens"] == 12 * 6
     assert result["naive_tok_s"] > 0 and result["engine_tok_s"] > 0
     assert set(result["padded_tok_s"]) == {"4", "8"} and all(v > 0 for v in result["padded_tok_s"].values())
-    best = max(result["padded_tok_s"].values())
+    assert set(result["padded_plain_tok_s"]) == {"8"}
+    best = max([*result["padded_tok_s"].values(), *result["padded_plain_tok_s"].values()])
     assert result["vs_padded"] == pytest.approx(result["engine_tok_s"] / best, rel=0.02)
     peak = result["kernel_peak_gflops"]
     assert peak["best"] == max(peak["matmul"], peak["packed"]) > 0
@@ -148,3 +149,15 @@ def test_spread_takes_prompts_across_the_length_range() -> None:
     picked = engine.spread(items, 4)
     assert [len(p.prompt) for p in picked] == [13, 38, 63, 88]
     assert engine.spread(items[:3], 5) == items[:3]
+
+
+def test_plain_linears_switches_the_packed_layers_back_for_a_while() -> None:
+    from bench.hf import plain_linears
+    from worker.engine import PackedLinear, pack_linear_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    if not pack_linear_weights(model):
+        pytest.skip("this torch build has no oneDNN linear packing")
+    with plain_linears(model) as switched:
+        assert switched == 2 and all(type(m) is torch.nn.Linear for m in model)
+    assert all(isinstance(m, PackedLinear) for m in model)
