@@ -9,7 +9,9 @@ a rank-16 LoRA adapter, loaded exactly as a GPU worker loads the real one: ``loa
 
 * **naive**: ``model.generate`` one prompt at a time (greedy, EOS ignored);
 * **engine at batch B**: ``Engine(max_batch_size=B).generate`` on B prompts, for each B of
-  ``--batches`` — output tokens per second and the peak GPU memory of that run.
+  ``--batches`` — output tokens per second and the peak GPU memory of that run;
+* **padded at batch B**: HF ``generate`` on the same B prompts, left-padded (sorted by length), on
+  the same loaded model: ``vs_padded`` = engine ÷ padded at each B.
 
 Also reported: the weights' memory as loaded (bytes of the quantised model) and the GPU memory
 allocated right after loading.  ``--tiny`` runs the same steps on the tiny model (on the CPU
@@ -26,8 +28,9 @@ from typing import Any
 
 import torch
 
-from bench.engine import run_engine, run_naive, spread
+from bench.engine import run_engine
 from bench.fixtures import bench_home, emit, machine, mixed_prompts, table
+from bench.hf import run_naive, run_padded, spread
 
 
 def gpu_profile_yaml(folder: Path, *, tiny: bool, home: Path) -> Path:
@@ -103,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cuda_peak_reset()
         print(f"[gpu] engine at batch {b} ...", flush=True)
         seconds, tokens = run_engine(engine, items[:b])
+        padded_s, padded_tokens = (
+            run_padded(loaded, items[:b], args.new_tokens, b) if b > 1 else (seconds, tokens)
+        )
         runs[b] = {
+            "padded_tok_s": round(padded_tokens / padded_s, 2),
+            "vs_padded": round(tokens / seconds / (padded_tokens / padded_s), 2),
             "tok_s": round(tokens / seconds, 2),
             "seconds": round(seconds, 3),
             "tokens": tokens,
@@ -125,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "naive_tok_s": round(naive_tps, 2),
         "engine": {str(b): r for b, r in runs.items()},
         "speedup_at_largest_batch": runs[max(batches)]["x_naive"],
+        "vs_padded_at_largest_batch": runs[max(batches)]["vs_padded"],
     }
-    rows = [("run", "prompts", "tokens", "seconds", "tok/s", "× naive", "peak GPU memory")]
+    rows = [("run", "prompts", "tokens", "seconds", "tok/s", "× naive", "peak GPU memory / × padded")]
     rows.append(
         ("naive HF generate", str(len(naive_items)), str(naive_tokens), f"{naive_s:.1f}", f"{naive_tps:.1f}",
          "1.0", "-")
@@ -135,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(
             (f"genq engine, batch {b}", str(b), str(r["tokens"]), f"{r['seconds']:.2f}", f"{r['tok_s']:.1f}",
              f"{r['x_naive']:.1f}", gib(r["peak_gpu_bytes"]))
+        )  # fmt: skip
+        rows.append(
+            (f"HF generate, padded batch {b}", str(b), "-", "-", f"{r['padded_tok_s']:.1f}",
+             f"{r['padded_tok_s'] / naive_tps:.1f}", f"engine {r['vs_padded']:.2f}x")
         )  # fmt: skip
     table(f"GPU benchmark: {result['model']} in {loaded.mode} on {device}", rows)
     print(f"weights as loaded: {gib(loaded.weights_bytes)}; placement {loaded.placement}", flush=True)

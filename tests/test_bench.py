@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import engine, gpu, queue, scaling
+from bench import engine, flops, gpu, prefix, queue, scaling
 
 
 def test_queue_benchmark_smoke() -> None:
@@ -28,14 +28,58 @@ def test_scaling_benchmark_smoke() -> None:
 
 def test_engine_benchmark_smoke() -> None:
     result = engine.main(
-        ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--skip-generate-batch"]
-    )
+        ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--padded", "4,8",
+         "--padded-plain", "8", "--skip-generate-batch"]
+    )  # fmt: skip
     # EOS is ignored, so every prompt generates exactly --new-tokens
     assert result["engine_tokens"] == 12 * 6
     assert result["naive_tok_s"] > 0 and result["engine_tok_s"] > 0
-    assert result["speedup"] == pytest.approx(result["engine_tok_s"] / result["naive_tok_s"], rel=0.01)
-    assert result["roofline_fraction"] > 0 and result["matmul_peak_gflops"] > 0
+    assert set(result["padded_tok_s"]) == {"4", "8"} and all(v > 0 for v in result["padded_tok_s"].values())
+    assert set(result["padded_plain_tok_s"]) == {"8"}
+    best = max([*result["padded_tok_s"].values(), *result["padded_plain_tok_s"].values()])
+    assert result["vs_padded"] == pytest.approx(result["engine_tok_s"] / best, rel=0.02)
+    peak = result["kernel_peak_gflops"]
+    assert peak["best"] == max(peak["matmul"], peak["packed"]) > 0
+    assert 0 < result["roofline_fraction"] < 1
     assert result["generate_batch"] == "skipped"
+
+
+def test_prefix_benchmark_smoke() -> None:
+    result = prefix.main(
+        ["--tiny", "--items", "12", "--system-tokens", "80", "--question-tokens", "8", "--new-tokens", "5"]
+    )
+    assert result["identical"] and result["items_differing"] == 0
+    assert result["shared_prefix_tokens"] >= 80 and result["prefixes_computed"] == 1
+    assert result["reuse_tok_s"] > 0 and result["no_reuse_tok_s"] > 0
+
+
+def test_needed_flops_by_hand() -> None:
+    shape = flops.Shape(params=10, layers=2, heads=3, head_dim=4, hidden=5, vocab=7)
+    # 3 prompt tokens + 2 generated: 4 tokens fed, attending 1 + 2 + 3 + 4 keys
+    assert flops.needed_flops(shape, [(3, 2)]) == 2 * 10 * 4 + 4 * 2 * 3 * 4 * 10 + 2 * 5 * 7 * 2
+    assert flops.needed_flops(shape, [(3, 2), (3, 2)]) == 2 * flops.needed_flops(shape, [(3, 2)])
+
+
+def test_needed_flops_agree_with_torch_flop_counter(tiny_profile) -> None:  # type: ignore[no-untyped-def]
+    """The linear and vocabulary terms against torch's own count of the matrix products of one real
+    forward pass over the p + g - 1 tokens fed, logits for the last g positions (attention, which
+    the counter leaves out on the CPU or counts as full squares, replaced by its causal half)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from worker.model.loading import load_model
+
+    model = load_model(tiny_profile, "fp32").model  # a model of its own: no packed weights
+    shape = flops.Shape.of(model)
+    p, g = 9, 4
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.arange(1, p + g).unsqueeze(0), logits_to_keep=g)
+    counts = counter.get_flop_counts()["Global"]
+    attention = sum(v for k, v in counts.items() if "attention" in str(k))  # none counted on the CPU
+    fed = p + g - 1
+    causal = 4 * shape.layers * shape.heads * shape.head_dim * fed * (fed + 1) / 2
+    assert flops.needed_flops(shape, [(p, g)]) == pytest.approx(
+        counter.get_total_flops() - attention + causal
+    )
 
 
 def test_gpu_benchmark_smoke() -> None:
@@ -105,3 +149,15 @@ def test_spread_takes_prompts_across_the_length_range() -> None:
     picked = engine.spread(items, 4)
     assert [len(p.prompt) for p in picked] == [13, 38, 63, 88]
     assert engine.spread(items[:3], 5) == items[:3]
+
+
+def test_plain_linears_switches_the_packed_layers_back_for_a_while() -> None:
+    from bench.hf import plain_linears
+    from worker.engine import PackedLinear, pack_linear_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    if not pack_linear_weights(model):
+        pytest.skip("this torch build has no oneDNN linear packing")
+    with plain_linears(model) as switched:
+        assert switched == 2 and all(type(m) is torch.nn.Linear for m in model)
+    assert all(isinstance(m, PackedLinear) for m in model)

@@ -5,17 +5,23 @@ than ``model.generate``: it needs per-row parameters (temperature, top-p, top-k,
 and length differ between the rows of one batch), per-row results as soon as each row ends, and
 rows that leave the batch as soon as they finish, their place taken by the next item.
 
-* Items are tokenised once, sorted by prompt length and cut into micro-batches (up to
-  ``4 × batch_limit()`` items).  A micro-batch runs with ``batch_limit()`` rows at a time
+* Items are tokenised once, sorted (by shared prefix, then prompt length) and cut into
+  micro-batches (up to ``4 × batch_limit()`` items).  A micro-batch runs with ``batch_limit()`` rows at a time
   (fewer if ``max_batch_tokens`` — rows × (prompt + new tokens) — says so): continuous batching.
   When rows finish, the next items of the micro-batch are prefilled and take their places.
-* Prefill runs in length-sorted groups of about ``PREFILL_TOKENS`` padded tokens, left-padded, with
-  the logits of the last position only.  Each row's keys and values are then copied, unpadded, into
-  a preallocated per-row cache (:class:`SlotCache`); a decode step writes every row's new key and
-  value at that row's own position and attends over a mask built here, so no step re-creates the
-  cache (no ``torch.cat``) or depends on a neighbour's length.  Models whose attention this cannot
-  express (sliding windows, attention kernels other than sdpa/eager) use the plain
-  left-padded loop instead (:func:`worker.engine.padded.decode_padded`).
+* Every row has a preallocated slot in a per-batch KV cache (:class:`SlotCache`).  Prefill runs in
+  length-sorted groups of about ``PREFILL_TOKENS`` padded tokens, left-padded, writing each row's
+  keys and values straight into its slot, unpadded, with the logits of the last position only; a
+  decode step writes every row's new key and value at that row's own position and attends over a
+  per-row mask, so no step re-creates the cache (no ``torch.cat``) or depends on a neighbour's
+  length.  Models whose attention this cannot express (sliding windows, attention kernels other
+  than sdpa/eager) use the plain left-padded loop instead (:func:`worker.engine.padded.decode_padded`).
+* Items that begin with the same tokens (a system prompt, an instruction: at least
+  ``PREFIX_MIN_TOKENS``) share them: the prefix's keys and values are computed once per worker,
+  kept by token ids (:class:`worker.engine.prefix.PrefixCache`), and copied into each such row's
+  slot; only the rest of the prompt is prefilled.  Greedy output is the same with and without.
+* Each layer's slots are allocated where that layer runs (a ``device_map`` may spread layers over
+  GPUs and the CPU); inputs go to the embedding's device.
 * On the CPU in fp32, plain ``nn.Linear`` layers get a oneDNN-prepacked copy of their weight,
   used for products of up to ``packed_max_rows`` rows: 1.2–2× faster than the default BLAS call
   for decode steps (8–128 rows) on the machines measured (docs/BENCHMARKS.md).  Whether it also
@@ -39,7 +45,9 @@ prompts        rendering (chat template, system prompt), tokenising, limits: ``p
 sampling       next-token choice and stop rules, finish reason, result text: pure functions
 rows           a row in flight, the rules that extend and end it, result building
 forward        the model call: padded inputs, decode masks, the cache keyword, devices
-slots          :class:`SlotCache` and continuous batching over it
+slot_cache     :class:`SlotCache`: per-row slots, prefill and decode passes, per-layer devices
+slots          continuous batching over the slot cache, prefix copies
+prefix         finding shared prefixes, keeping their keys and values
 padded         the plain left-padded loop for models the slot cache does not fit
 autotune       the batch-size search (pure), decode timing and its JSON cache
 memory         recognising out-of-memory errors
@@ -54,7 +62,7 @@ from worker.engine.build import build_engine, generate
 from worker.engine.cpu import PACKED_MAX_ROWS, PackedLinear, pack_linear_weights, packed_crossover
 from worker.engine.prompts import Prepared
 from worker.engine.scheduler import Engine
-from worker.engine.slots import SlotCache
+from worker.engine.slot_cache import SlotCache
 
 __all__ = [
     "PACKED_MAX_ROWS",

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from worker.engine.cpu import cpu_name, packed_layers
 from worker.engine.forward import Forward
 from worker.engine.memory import is_oom
-from worker.engine.slots import SlotCache, layer_tensors
+from worker.engine.slot_cache import SlotCache
 
 AUTOTUNE_CANDIDATES = (4, 8, 16, 32, 64, 128, 256)
 AUTOTUNE_CONTEXT = 256
@@ -161,26 +160,20 @@ class Autotuner:
         """Tokens per second of decode steps with ``rows`` rows of ``context`` cached tokens."""
         fwd = self.forward
         with torch.inference_mode():
-            ids, mask, positions = fwd.left_pad([[fwd.pad_id] * 2])
-            probe = DynamicCache()
-            fwd(ids, mask, positions, probe, last_only=True)
             cache = SlotCache(rows, capacity=context + steps + 2)
-            cache.allocate(layer_tensors(probe))
-            del probe
-            cache.lengths = [context] * rows
             gen = torch.Generator().manual_seed(rows)
             vocab = int(getattr(getattr(fwd.model, "config", None), "vocab_size", 1000) or 1000)
             timings: list[float] = []
-            for _ in range(steps + 1):
-                step = torch.randint(0, vocab, (rows, 1), generator=gen).to(fwd.device)
+            for _ in range(steps + 1):  # the first step allocates the cache: not counted
+                cache.lengths = [context] * rows  # the same span every step
+                step = torch.randint(0, vocab, (rows, 1), generator=gen)
                 fwd.sync()
                 t0 = time.perf_counter()
-                pos, span = cache.step(rows, fwd.device)
-                logits = fwd(step, fwd.decode_mask(pos, span), pos.unsqueeze(1), cache)
+                positions, visible = cache.begin_decode(rows)
+                logits = fwd(step, visible, positions, cache)
                 logits.argmax(dim=-1).tolist()
                 fwd.sync()
                 timings.append(time.perf_counter() - t0)
-                cache.lengths = [context] * rows  # same span every step
             del cache, logits
         return rows / min(timings[1:])
 

@@ -33,19 +33,43 @@ def fast_attention(model: torch.nn.Module) -> str | None:
     return str(impl)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when a ``device_map`` hook manages
+    it (its weights may sit on the CPU or on ``meta`` while it runs on a GPU), else its first
+    parameter's device; the CPU for a module without parameters or on ``meta``."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    param = next(module.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return torch.device("cpu")
+    return param.device
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model reads its inputs: the device of its token embedding."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, torch.nn.Module):
+        return module_device(embeddings)
+    return module_device(model)
+
+
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", torch.float32)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 class Forward:
-    """Calls one model: left-padded prompts, per-row decode masks, one position of logits."""
+    """Calls one model: inputs moved to the embedding's device, masks in the form its attention
+    takes, the logits of the last position."""
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, device: torch.device | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.device = device
-        """Where inputs, positions and masks are made."""
+        self.device = device or input_device(model)
+        """Where inputs, positions and masks go: the token embedding's device."""
         self.cache_kw = cache_keyword(model)
         self.attention = fast_attention(model)
         """``sdpa``/``eager`` when the slot cache and custom masks apply, else None (plain loop)."""
@@ -60,12 +84,16 @@ class Forward:
         *,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """The logits of each row's last position, [rows, vocab], as float."""
+        """The logits of each row's last position, [rows, vocab], as float, on the device of the
+        output head.  ``mask`` is a 2-D padding mask, or a 4-D visibility (bool, True: attend)
+        such as :class:`SlotCache` passes return, turned here into what the attention takes."""
         extra = {"logits_to_keep": 1} if last_only else {}
+        if mask.dim() == 4 and mask.dtype == torch.bool:
+            mask = self.attend(mask)
         out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             use_cache=True,
             **extra,
             **{self.cache_kw: cache},
@@ -83,11 +111,11 @@ class Forward:
         ids, mask = ids.to(self.device), mask.to(self.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def decode_mask(self, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """[rows, 1, 1, span]: row ``i`` sees its keys ``0 … pos[i]`` (bool for sdpa, additive for eager)."""
-        visible = torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)
-        visible = visible[:, None, None, :]
-        if self.attention == "sdpa":
+    def attend(self, visible: torch.Tensor) -> torch.Tensor:
+        """A 4-D visibility on the input device as the attention takes it: bool for sdpa,
+        additive (0 or the dtype's minimum) for eager."""
+        visible = visible.to(self.device)
+        if self.attention != "eager":
             return visible
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~visible, torch.finfo(self.dtype).min

@@ -33,6 +33,9 @@ class Prepared:
     max_new: int
     clipped: bool
     """``max_new`` was cut to fit the context: running out of it is ``length``."""
+    prefix: int = 0
+    """How many leading ids this item shares with others of its batch (their keys and values are
+    computed once: :mod:`worker.engine.prefix`); 0: none."""
 
 
 class Prompts:

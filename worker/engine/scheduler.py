@@ -21,11 +21,12 @@ from worker.engine.cpu import packed_layers
 from worker.engine.forward import Forward
 from worker.engine.memory import BatchCeiling, is_oom, release_cached
 from worker.engine.padded import decode_padded
+from worker.engine.prefix import PrefixCache, mark_shared_prefixes
 from worker.engine.prompts import Prepared, Prompts
 from worker.engine.requests import attach_requests
 from worker.engine.rows import Results, Row, RowRules
 from worker.engine.samples import generate_samples, needs_samples
-from worker.engine.slots import SlotDecoder
+from worker.engine.slots import SlotDecoder, admission_order
 from worker.model.loading import Loaded
 
 ResultCallback = Callable[[list[ItemResult]], None]
@@ -63,9 +64,8 @@ class Engine:
         )
         self.memory = BatchCeiling()
         """The most rows known to fit, learnt from out-of-memory errors and probed upward."""
-        device = next(self.model.parameters()).device if loaded.device == "cuda" else torch.device("cpu")
-        self.device = device
-        self.forward = Forward(self.model, pad_id=int(self.tokenizer.pad_token_id), device=device)
+        self.forward = Forward(self.model, pad_id=int(self.tokenizer.pad_token_id))
+        self.device = self.forward.device
         self.prompts = Prompts(
             self.tokenizer,
             context_length=loaded.context_length,
@@ -75,7 +75,11 @@ class Engine:
         self.rules = RowRules(self.tokenizer, loaded.eos_token_ids, ignore_eos=ignore_eos)
         self.results = Results(self.rules, profile=loaded.profile.name, mode=loaded.mode, worker=worker)
         attach_requests(self)  # response_format, logprobs, penalties; the model's name on results
-        self.slots = SlotDecoder(self.forward, self.rules)
+        self.prefixes = PrefixCache()
+        """Shared prefixes' keys and values, kept for the life of the worker (bounded)."""
+        self.reuse_prefixes = True
+        """Compute a prefix items share once (:mod:`worker.engine.prefix`); off: prefill it per row."""
+        self.slots = SlotDecoder(self.forward, self.rules, self.prefixes)
         self.autotuned: dict[str, Any] | None = None
         self.log = get_logger(profile=loaded.profile.name, mode=loaded.mode)
         self.log.info(
@@ -112,9 +116,9 @@ class Engine:
         return self.memory.limit(self.max_batch_size)
 
     def micro_batches(self, prepared: Sequence[Prepared]) -> Iterator[list[Prepared]]:
-        """Length-sorted micro-batches of up to ``REFILL_FACTOR × batch_limit()`` items whose rows
-        (``batch_limit()`` at a time) stay within the token cap."""
-        ordered = sorted(prepared, key=lambda p: (len(p.ids), p.max_new))
+        """Micro-batches of up to ``REFILL_FACTOR × batch_limit()`` items, sorted by shared prefix
+        then length, whose rows (``batch_limit()`` at a time) stay within the token cap."""
+        ordered = sorted(prepared, key=admission_order)
         limit = self.batch_limit()
         batch: list[Prepared] = []
         longest = new = 0
@@ -178,6 +182,8 @@ class Engine:
             except GenqError as exc:
                 early.append(self.results.error(item, exc, attempts))
         emit(early)
+        if self.reuse_prefixes and self.attention:
+            mark_shared_prefixes(prepared)
         pending = list(self.micro_batches(prepared))
         while pending:
             batch = [p for p in pending.pop(0) if p.item.index not in out]

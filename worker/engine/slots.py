@@ -1,27 +1,26 @@
-"""Continuous batching over a slot KV cache: each row's keys and values in a preallocated slot.
+"""Continuous batching over a :class:`SlotCache`: rows leave as they finish, new rows take their place.
 
-Prefill runs in length-sorted groups of about :data:`PREFILL_TOKENS` padded tokens, left-padded,
-with the logits of the last position only.  Each row's keys and values are then copied, unpadded,
-into its slot of a :class:`SlotCache`; a decode step writes every row's new key and value at that
-row's own position and attends over a per-row mask, so no step re-creates the cache (no
-``torch.cat``) or depends on a neighbour's length.  Rows that finish leave at once: the last row's
-slot is moved into the hole, and freed slots are refilled with the next items of the micro-batch.
+Prefill runs in groups of about :data:`PREFILL_TOKENS` padded tokens (rows sorted by length),
+straight into the rows' slots, with the logits of the last position only.  A row that begins with a
+shared prefix (:mod:`worker.engine.prefix`) starts from a copy of that prefix's keys and values and
+prefills only the rest of its prompt.  A decode step feeds every row its last token; rows that
+finish leave at once (the last row's slot is moved into the hole), and freed slots are refilled
+with the next items of the micro-batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache
 
 from worker.core.errors import ShutdownRequested
 from worker.engine.forward import Forward
+from worker.engine.prefix import PrefixCache, PrefixKV
 from worker.engine.prompts import Prepared
 from worker.engine.rows import Row, RowRules
+from worker.engine.slot_cache import SlotCache
 
 PREFILL_TOKENS = 512
 """Padded prompt tokens per prefill forward pass.  Enough rows for full-speed matrix products, few
@@ -33,99 +32,18 @@ Finished = Callable[[list[Row]], None]
 """Called with rows as soon as they are done."""
 
 
-def layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (keys, values) of a filled ``DynamicCache``."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class SlotCache(Cache):
-    """A KV cache of ``rows`` preallocated slots, one per batch row, for decode steps.
-
-    Slot ``i`` holds the keys and values of row ``i`` from position 0 to ``lengths[i] - 1``, with no
-    padding in front.  Before each decode step :meth:`step` says which rows take part (the first
-    ``n``) and where each row's new token goes; the model's attention layers call :meth:`update`,
-    which writes the new keys and values in place and returns views of the first ``n`` slots up to
-    the longest row.  The mask that hides each row's unused tail is built by the caller.
-    """
-
-    def __init__(self, rows: int, capacity: int) -> None:
-        super().__init__(layers=[])
-        self.rows = rows
-        self.capacity = capacity
-        self.key_slots: list[torch.Tensor] = []
-        self.value_slots: list[torch.Tensor] = []
-        self.lengths = [0] * rows
-        self._n = 0
-        self._span = 0
-        self._index: torch.Tensor | None = None
-        self._pos: torch.Tensor | None = None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.key_slots)
-
-    def allocate(self, like: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Allocate every layer's slots with the heads, head size, dtype and device of ``like``."""
-        self.key_slots, self.value_slots = [], []
-        for k, v in like:
-            self.key_slots.append(k.new_zeros((self.rows, k.shape[1], self.capacity, k.shape[3])))
-            self.value_slots.append(v.new_zeros((self.rows, v.shape[1], self.capacity, v.shape[3])))
-
-    def absorb(self, prefill: Any, slots: Sequence[int], lengths: Sequence[int]) -> None:
-        """Copy each row of a left-padded prefill cache (a ``DynamicCache``) into its slot."""
-        layers = layer_tensors(prefill)
-        if not self.ready:
-            self.allocate(layers)
-        for (k, v), kk, vv in zip(layers, self.key_slots, self.value_slots, strict=True):
-            padded = k.shape[2]
-            for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-                kk[slot, :, :n] = k[row, :, padded - n :]
-                vv[slot, :, :n] = v[row, :, padded - n :]
-        for slot, n in zip(slots, lengths, strict=True):
-            self.lengths[slot] = n
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` onto slot ``dst`` (compacting after ``dst``'s row finished)."""
-        n = self.lengths[src]
-        for kk, vv in zip(self.key_slots, self.value_slots, strict=True):
-            kk[dst, :, :n] = kk[src, :, :n]
-            vv[dst, :, :n] = vv[src, :, :n]
-        self.lengths[dst] = n
-
-    def step(self, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Prepare a decode step for the first ``n`` rows: their positions, and the key span."""
-        pos = torch.tensor(self.lengths[:n], dtype=torch.long, device=device)
-        self._n = n
-        self._span = max(self.lengths[:n]) + 1
-        self._index = torch.arange(n, device=device)
-        self._pos = pos
-        return pos, self._span
-
-    def advance(self) -> None:
-        for i in range(self._n):
-            self.lengths[i] += 1
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kk, vv = self.key_slots[layer_idx], self.value_slots[layer_idx]
-        kk[self._index, :, self._pos] = key_states[:, :, 0]
-        vv[self._index, :, self._pos] = value_states[:, :, 0]
-        return kk[: self._n, :, : self._span], vv[: self._n, :, : self._span]
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return max(self._span - 1, 0)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int | None = 0) -> tuple[int, int]:
-        return self._span, 0
+def admission_order(prep: Prepared) -> tuple[tuple[int, ...], int, int]:
+    """Items sharing a prefix together, then by length: neighbours in a batch pad little."""
+    return (tuple(prep.ids[: prep.prefix]), len(prep.ids), prep.max_new)
 
 
 class SlotDecoder:
     """Continuous batching of one micro-batch over a :class:`SlotCache`."""
 
-    def __init__(self, forward: Forward, rules: RowRules) -> None:
+    def __init__(self, forward: Forward, rules: RowRules, prefixes: PrefixCache | None = None) -> None:
         self.forward = forward
         self.rules = rules
+        self.prefixes = prefixes if prefixes is not None else PrefixCache()
 
     def run(
         self,
@@ -138,7 +56,7 @@ class SlotDecoder:
         ``should_stop`` is asked before each refill (the first admission was checked by the
         caller); once it says so, the rows in flight finish and :class:`ShutdownRequested` is
         raised for the items not started."""
-        queue = deque(sorted(batch, key=lambda p: (len(p.ids), p.max_new)))
+        queue = deque(sorted(batch, key=admission_order))
         cache = SlotCache(slots, capacity=max(len(p.ids) + p.max_new for p in batch))
         active: list[Row] = []
         tokens: list[int] = []  # each active row's last token, the next step's input
@@ -153,7 +71,8 @@ class SlotDecoder:
                     stopping = True
                 else:
                     refill = True
-                    rows = [Row.start(queue.popleft()) for _ in range(min(free, len(queue)))]
+                    admit = [queue.popleft() for _ in range(min(free, len(queue)))]
+                    rows = [Row.start(p) for p in sorted(admit, key=lambda p: len(p.ids) - p.prefix)]
                     first = self._prefill(rows, cache, len(active))
                     active += rows
                     tokens += first
@@ -162,10 +81,9 @@ class SlotDecoder:
             if not active:
                 break
             n = len(active)
-            pos, span = cache.step(n, fwd.device)
-            step = torch.tensor(tokens, dtype=torch.long, device=fwd.device).unsqueeze(1)
-            logits = fwd(step, fwd.decode_mask(pos, span), pos.unsqueeze(1), cache)
-            cache.advance()
+            positions, visible = cache.begin_decode(n)
+            step = torch.tensor(tokens, dtype=torch.long)[:, None]
+            logits = fwd(step, visible, positions, cache)
             tokens = self.rules.pick(logits, active)
             self._settle(active, tokens, cache, range(n), finished)
         if queue:
@@ -188,21 +106,49 @@ class SlotDecoder:
             tokens.pop()
 
     def _prefill(self, rows: list[Row], cache: SlotCache, first_slot: int) -> list[int]:
-        """Prefill ``rows`` (sorted by length) in groups; fill slots from ``first_slot``; first tokens."""
+        """Prefill ``rows`` (sorted by the length they prefill) in groups, into slots from
+        ``first_slot``; returns each row's first token."""
         picks: list[int] = []
         start = 0
+        own = [len(r.prep.ids) - r.prep.prefix for r in rows]
         while start < len(rows):
             end = start + 1
-            while end < len(rows) and len(rows[end].prep.ids) * (end + 1 - start) <= PREFILL_TOKENS:
+            while end < len(rows) and own[end] * (end + 1 - start) <= PREFILL_TOKENS:
                 end += 1
             group = rows[start:end]
-            ids, mask, positions = self.forward.left_pad([r.prep.ids for r in group])
-            prefill = DynamicCache()
-            logits = self.forward(ids, mask, positions, prefill, last_only=True)
-            cache.absorb(
-                prefill, range(first_slot + start, first_slot + end), [len(r.prep.ids) for r in group]
+            prefixes = [self.prefix_kv(r.prep) for r in group]
+            width = max(own[start:end])
+            ids = torch.full((len(group), width), self.forward.pad_id, dtype=torch.long)
+            for i, r in enumerate(group):
+                ids[i, width - own[start + i] :] = torch.tensor(r.prep.ids[r.prep.prefix :], dtype=torch.long)
+            positions, visible = cache.begin_prefill(
+                first_slot + start, [r.prep.prefix for r in group], own[start:end], width, prefixes
             )
+            logits = self.forward(ids, visible, positions, cache, last_only=True)
             picks += self.rules.pick(logits, group)
-            del logits, prefill
+            del logits
             start = end
         return picks
+
+    def prefix_kv(self, prep: Prepared) -> PrefixKV | None:
+        """The keys and values of ``prep``'s shared prefix: kept, or computed once now."""
+        if not prep.prefix:
+            return None
+        ids = tuple(prep.ids[: prep.prefix])
+        entry = self.prefixes.get(ids)
+        if entry is None:
+            entry = self.compute_prefix(ids)
+            self.prefixes.put(entry)
+        return entry
+
+    def compute_prefix(self, ids: tuple[int, ...]) -> PrefixKV:
+        """Prefill ``ids`` alone, in pieces of :data:`PREFILL_TOKENS`, and keep its keys and values."""
+        cache = SlotCache(1, len(ids))
+        done = 0
+        while done < len(ids):
+            piece = list(ids[done : done + PREFILL_TOKENS])
+            positions, visible = cache.begin_prefill(0, [done], [len(piece)], len(piece))
+            self.forward(torch.tensor([piece], dtype=torch.long), visible, positions, cache, last_only=True)
+            done += len(piece)
+        layers = [cache.layer(i, 0) for i in range(len(cache.key_slots))]
+        return PrefixKV(ids=ids, keys=[k.clone() for k, _ in layers], values=[v.clone() for _, v in layers])
