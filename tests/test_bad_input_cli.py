@@ -292,10 +292,10 @@ OPENAI_CASES: dict[str, Bad] = {
         openai=True,
     ),
     "openai_n_above_profile_limit": Bad(
-        oa(body={"messages": [{"role": "user", "content": "hi"}], "n": 17}),
+        oa(body={"messages": [{"role": "user", "content": "hi"}], "n": 9}),
         3,
         "body.n",
-        ("at most 16",),
+        ("at most 8",),
         openai=True,
     ),
     "openai_prompt_on_chat_url": Bad(
