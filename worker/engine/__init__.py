@@ -54,6 +54,10 @@ memory         recognising out-of-memory errors
 cpu            packed linear weights, thread count (applied by :func:`build_engine`, not the engine)
 faults         TEST ONLY fault injection, installed by :func:`build_engine` when a switch is set
 build          :func:`build_engine` (what a worker runs) and :func:`generate`
+constraints    JSON schemas enforced while decoding: llguidance matchers per row, masks per batch
+shaping        between logits and token: penalties, the constraint, logprobs (hooked into rows)
+samples        ``n`` > 1: one row per sample, results merged into ``choices``
+requests       attaches the above to an engine
 =============  ====================================================================================
 """
 
