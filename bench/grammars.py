@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.fixtures import emit, machine, table
+from worker.engine.constraints import PARALLEL_CPUS
 
 SCHEMAS: list[dict[str, Any]] = [
     {
@@ -153,6 +155,7 @@ class LLGuidance(Lib):
         self.llg = llguidance
         self.tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
         self.executor = llguidance.LLExecutor()
+        self.parallel = (os.cpu_count() or 1) >= PARALLEL_CPUS
         self.options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -165,9 +168,13 @@ class LLGuidance(Lib):
         return compiled.deep_copy()
 
     def fill(self, matchers: list[Any], bitmask: np.ndarray) -> None:
-        from llguidance.numpy import fill_next_token_bitmask_par
+        from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
 
-        fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        if self.parallel:  # as genq does (worker/engine/constraints.py)
+            fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        else:
+            for i, m in enumerate(matchers):
+                fill_next_token_bitmask(m, bitmask, i)
 
     def advance(self, matcher: Any, token: int) -> bool:
         return bool(matcher.consume_token(token))
