@@ -146,3 +146,17 @@ def test_estimate_counts_prompt_tokens_as_the_worker_does(engine: Engine) -> Non
     ]
     for it, system in cases:
         assert counter.count(it, system) == len(engine.prepare(it, None, system).ids)
+
+
+def test_unenforceable_schema_is_the_items_error(engine: Engine) -> None:
+    """Submit refuses such schemas; a hand-made item that carries one errors alone."""
+    bad = ResponseFormat.model_validate(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "bad", "schema": {"type": "string", "pattern": "(?<=a)b"}},
+        }
+    )
+    results = engine.generate([item(0, bad), item(1, max_new_tokens=3)])
+    assert results[0].status == "error" and results[0].error is not None
+    assert results[0].error.type == "generation_error" and "look-around" in results[0].error.message
+    assert results[1].status == "ok"

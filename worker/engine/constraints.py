@@ -109,7 +109,10 @@ class Constraints:
                 return found
         import llguidance
 
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar_for(fmt), log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar_for(fmt), log_level=0)
+        except Exception as exc:  # llguidance refuses some inputs by raising
+            raise GenerationError(f"response_format cannot be enforced: {exc}") from None
         if matcher.is_error():  # submit checks every schema, so only a hand-made item gets here
             raise GenerationError(f"response_format cannot be enforced: {matcher.get_error()}")
         with self._lock:

@@ -102,7 +102,10 @@ class Engine:
     def prepare(
         self, item: Item, job_params: GenParams | None = None, system_prompt: str | None = None
     ) -> Prepared:
-        return self.prompts.prepare(item, job_params, system_prompt)
+        prep = self.prompts.prepare(item, job_params, system_prompt)
+        if self.rules.shaper is not None:  # an unenforceable response_format: this item's error
+            self.rules.shaper.check(prep.params)
+        return prep
 
     # --- scheduling --------------------------------------------------------------------------
 

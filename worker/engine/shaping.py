@@ -68,6 +68,13 @@ class Shaper:
         self.constraints = constraints
         self.log = get_logger()
 
+    def check(self, params: GenParams) -> None:
+        """Compile (or find) the row's schema before it runs: a schema no worker can enforce
+        (only a hand-made item gets one past submit) raises GenerationError for that item."""
+        fmt = params.response_format
+        if fmt is not None and fmt.constrained:
+            self.constraints.compiled(fmt)
+
     def extras(self, row: Row) -> RowExtras:
         """The row's extras, made at its first step."""
         if row.extras is None:
