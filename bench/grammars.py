@@ -338,7 +338,7 @@ def measure(lib: Lib, tokenizer: Any, vocab: int, rows: int, steps: int, seed: i
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--tiny", action="store_true", help="the tiny model's 1,024-token vocabulary")
     parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
@@ -384,8 +384,10 @@ def main() -> None:
             ]
         )
     table(f"grammar libraries, vocabulary {vocab}, {args.rows} rows", rows)
+    report = {"machine": machine(), "vocab": vocab, "rows": args.rows, "libraries": results}
     if args.json:
-        emit({"machine": machine(), "vocab": vocab, "rows": args.rows, "libraries": results})
+        emit(report)
+    return report
 
 
 if __name__ == "__main__":

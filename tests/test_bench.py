@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import engine, flops, gpu, prefix, queue, scaling
+from bench import engine, flops, gpu, grammars, prefix, queue, scaling, structured
 
 
 def test_queue_benchmark_smoke() -> None:
@@ -51,6 +51,23 @@ def test_prefix_benchmark_smoke() -> None:
     assert result["identical"] and result["items_differing"] == 0
     assert result["shared_prefix_tokens"] >= 80 and result["prefixes_computed"] == 1
     assert result["reuse_tok_s"] > 0 and result["no_reuse_tok_s"] > 0
+
+
+def test_structured_benchmark_smoke() -> None:
+    result = structured.main(["--tiny", "--items", "8", "--new-tokens", "6", "--batch", "4"])
+    # every row generates exactly --new-tokens: the schemas cannot be completed that soon
+    assert result["plain_tok_s"] > 0 and result["one_schema_tok_s"] > 0 and result["per_row_tok_s"] > 0
+    assert result["schemas_compiled"] == 1 + 1 + 4  # warm-up, the shared one, one per row
+    expected = 1 - result["one_schema_tok_s"] / result["plain_tok_s"]
+    assert result["one_schema_overhead"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_grammar_libraries_smoke() -> None:
+    """llguidance (a genq dependency) is always measured; the others when installed."""
+    result = grammars.main(["--tiny", "--rows", "4", "--steps", "4"])
+    llg = result["libraries"]["llguidance"]
+    assert llg["installed"] and llg["imports_torch"] is False
+    assert llg["mask_us"] > 0 and llg["compile_ms"] > 0 and "look-around" in llg["refused"]
 
 
 def test_needed_flops_by_hand() -> None:
