@@ -58,6 +58,7 @@ def test_structured_benchmark_smoke() -> None:
     # every row generates exactly --new-tokens: the schemas cannot be completed that soon
     assert result["plain_tok_s"] > 0 and result["one_schema_tok_s"] > 0 and result["per_row_tok_s"] > 0
     assert result["schemas_compiled"] == 1 + 1 + 4  # warm-up, the shared one, one per row
+    assert 0 < result["one_schema_constraint_share"] < 1 and 0 < result["per_row_constraint_share"] < 1
     expected = 1 - result["one_schema_tok_s"] / result["plain_tok_s"]
     assert result["one_schema_overhead"] == pytest.approx(expected, abs=1e-3)
 

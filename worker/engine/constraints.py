@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -79,6 +80,8 @@ class Constraints:
         self.compiles = 0
         """Schemas compiled so far (tests check the cache with it)."""
         self.parallel = (os.cpu_count() or 1) >= PARALLEL_CPUS
+        self.seconds = 0.0
+        """Time spent computing and applying masks and advancing matchers (bench.structured)."""
         self.log = get_logger()
 
     @property
@@ -134,6 +137,13 @@ class Constraints:
         :data:`PARALLEL_CPUS` or more CPUs; on fewer, the thread hand-off costs more than it
         saves), unpacked with numpy and applied in place: with numpy on a CPU tensor, one
         masked fill on another device."""
+        started = time.perf_counter()
+        try:
+            self._mask(logits, rows, guides)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _mask(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> None:
         words = (self.vocab_size + 31) // 32
         bitmask = np.zeros((len(rows), words), dtype=np.int32)
         self.fill(guides, bitmask)

@@ -19,6 +19,7 @@ the row's matcher advances (:meth:`Shaper.advance`): a complete answer ends the 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -150,7 +151,10 @@ class Shaper:
             return FinishReason.STOP if e.broken else None
         if token in self.constraints.eos and guide.accepting:
             return FinishReason.STOP
-        if not guide.consume(token):
+        started = time.perf_counter()
+        consumed = guide.consume(token)
+        self.constraints.seconds += time.perf_counter() - started
+        if not consumed:
             e.broken = guide.error or f"token {token} was not allowed"
             self.log.warning("constraint_failed", item=row.prep.item.id, error=e.broken[:200])
             return FinishReason.STOP
