@@ -19,7 +19,8 @@ def test_errors_file_batch_object_and_estimate(redis_server: RedisServer, tmp_pa
     src.write_text("\n".join(lines) + "\n")
 
     before = json.loads(genq(url, "estimate", str(src), "--profile", "tiny-random", "--json").stdout)
-    assert before["items"] == 7 and before["too_long"] == 1 and before["time"] == []
+    assert before["items"] == 7 and before["too_long"] == 1
+    assert not [t for t in before["time"] if t["source"].startswith("worker:")]  # no worker has run
     assert before["tokens"]["completion_bound"] == 5 * 48 + 24
     assert before["memory"]["weights_bytes"]["fp32"] > 0
 
@@ -55,10 +56,11 @@ def test_errors_file_batch_object_and_estimate(redis_server: RedisServer, tmp_pa
 
         def measured() -> dict | None:  # type: ignore[type-arg]
             found = json.loads(genq(url, "estimate", str(src), "--profile", "tiny-random", "--json").stdout)
-            return found if found["time"] else None
+            published = any(t["source"] == "worker:w-batch" for t in found["time"])
+            return found if published else None
 
         after = wait_for(measured, timeout=30, interval=1.0, what="the worker's speed published")
-        (speed,) = after["time"]
+        (speed,) = after["time"]  # one class: an embedded run's figure of this CPU, if any, is older
         assert speed["mode"] == "fp32" and speed["device"] == "cpu" and speed["source"] == "worker:w-batch"
         assert speed["tokens_per_second"] > 0 and speed["live_workers"] == 1
         bound = after["tokens"]["completion_bound"]
