@@ -160,3 +160,19 @@ def test_unenforceable_schema_is_the_items_error(engine: Engine) -> None:
     assert results[0].status == "error" and results[0].error is not None
     assert results[0].error.type == "generation_error" and "look-around" in results[0].error.message
     assert results[1].status == "ok"
+
+
+def test_a_failed_matcher_allows_only_the_end(engine: Engine) -> None:
+    """A matcher that took a token its grammar forbids (only a bug could do that) allows nothing
+    but the end of the sequence, never a row of -inf to sample from; the row then ends with
+    json_valid false (:meth:`Shaper.advance`)."""
+    constraints = engine.rules.shaper.constraints  # type: ignore[union-attr]
+    ok, failed = constraints.start(schema_format("person")), constraints.start(schema_format("person"))
+    x = int(engine.tokenizer.convert_tokens_to_ids("x"))
+    assert not failed.consume(x) and failed.error  # an answer must start with '{'
+    logits = torch.zeros(2, constraints.vocab_size)
+    constraints.mask(logits, [0, 1], [ok, failed])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and set(allowed) <= set(constraints.eos)
+    brace = int(engine.tokenizer.convert_tokens_to_ids("{"))
+    assert logits[0, brace] == 0 and logits[0, x] == float("-inf")

@@ -130,38 +130,41 @@ class Constraints:
         """A fresh matcher for one row."""
         return Guide(self.compiled(fmt).deep_copy())
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> None:
+    def mask(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> list[int]:
         """Set to ``-inf`` the logits of every token row ``rows[i]`` may not take next.
 
         The masks are filled by llguidance into one bitmask (in parallel on machines with
         :data:`PARALLEL_CPUS` or more CPUs; on fewer, the thread hand-off costs more than it
         saves), unpacked with numpy and applied in place: with numpy on a CPU tensor, one
-        masked fill on another device."""
+        masked fill on another device.  Returns the positions (in ``rows``) of rows that may
+        take no token at all (a matcher in an error state)."""
         started = time.perf_counter()
         try:
-            self._mask(logits, rows, guides)
+            return self._mask(logits, rows, guides)
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _mask(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> None:
+    def _mask(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> list[int]:
         words = (self.vocab_size + 31) // 32
         bitmask = np.zeros((len(rows), words), dtype=np.int32)
         self.fill(guides, bitmask)
+        empty = [int(i) for i in np.flatnonzero(~bitmask.any(axis=1))]
         width = logits.shape[-1]
         blocked = ~np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width].view(np.bool_)
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
             view = logits.detach().numpy()
             if len(rows) == view.shape[0] and list(rows) == list(range(len(rows))):
                 np.copyto(view, -np.inf, where=blocked)  # every row constrained: one call
-                return
+                return empty
             for i, r in enumerate(rows):
                 np.copyto(view[r], -np.inf, where=blocked[i])
-            return
+            return empty
         mask = torch.from_numpy(blocked).to(logits.device, non_blocking=True)
         index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
         picked = logits.index_select(0, index)
         picked.masked_fill_(mask, float("-inf"))
         logits.index_copy_(0, index, picked)
+        return empty
 
     def fill(self, guides: Sequence[Guide], bitmask: np.ndarray) -> None:
         """Each guide's allowed tokens into its row of ``bitmask`` (one bit per token)."""

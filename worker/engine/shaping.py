@@ -107,11 +107,11 @@ class Shaper:
                 self._penalise(logits, i, row.prep.params, e.counts)
         guided = [(i, e.guide) for i, e in enumerate(extras) if e.guide is not None and not e.broken]
         if guided:
-            self.constraints.mask(logits, [i for i, _ in guided], [g for _, g in guided])
-            for i, _guide in guided:
-                if not torch.isfinite(logits[i]).any():  # nothing allowed: the matcher failed
-                    extras[i].broken = _guide.error or "no token is allowed"
-                    logits[i, self.constraints.eos[0] if self.constraints.eos else 0] = 0.0
+            empty = self.constraints.mask(logits, [i for i, _ in guided], [g for _, g in guided])
+            for k in empty:  # nothing allowed: the matcher failed; end the row (json_valid: false)
+                i, guide = guided[k]
+                extras[i].broken = guide.error or "no token is allowed"
+                logits[i, self.constraints.eos[0] if self.constraints.eos else 0] = 0.0
         return raw
 
     @staticmethod
