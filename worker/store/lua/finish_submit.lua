@@ -1,5 +1,6 @@
 -- A submit has written every input and published every chunk: the job leaves 'submitting'.
--- KEYS: job, then every key of the job (PERSIST'ed: the partial job's TTL is lifted)
+-- KEYS: job, then every other key of the job (all PERSIST'ed, the job too: the partial job's TTL
+-- is lifted; a job still queued a day later must not lose its record)
 -- ARGV: now, retention ttl.  A job whose items were all done meanwhile (every line invalid, or
 -- workers faster than the submit) finishes here.  Returns the status it is left in.
 local job = KEYS[1]
@@ -10,11 +11,11 @@ local c = redis.call('HMGET', job, 'total', 'succeeded', 'errored', 'started_at'
 if (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0) >= (tonumber(c[1]) or 0) then
   redis.call('HSET', job, 'status', 'completed', 'finished_at', now, 'updated_at', now)
   redis.call('HSETNX', job, 'first_finished_at', now)
-  for k = 2, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+  for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
   redis.call('PUBLISH', job .. ':events', 'completed')
   return 'completed'
 end
 status = c[4] and 'in_progress' or 'queued'
 redis.call('HSET', job, 'status', status, 'updated_at', now)
-for k = 2, #KEYS do redis.call('PERSIST', KEYS[k]) end
+for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
 return status
