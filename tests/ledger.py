@@ -18,6 +18,8 @@ the delivery's attempt number.  From those events, across all the workers' logs:
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 EVENT = "results_written"
+_TASK = re.compile(r"Task genq\.run_chunk\[([^\]]+)\] (received|succeeded)")
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,21 @@ class Ledger:
             "result_tokens": result_tokens,
             "wasted_token_ratio": self.wasted_token_ratio(result_tokens),
         }
+
+
+def deliveries(paths: Iterable[Path], job: str, what: str = "received") -> Counter[str]:
+    """Chunk id → how many times Celery handed the chunk's message to a worker (``received``), or
+    how many of those deliveries returned (``succeeded``), from Celery's own ``Task
+    genq.run_chunk[<job>:<chunk>] received`` lines: a count outside genq's code, to hold the
+    store's attempt counts against (an attempt is counted at most once per delivery)."""
+    found: Counter[str] = Counter()
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for task_id, happened in _TASK.findall(text):
+            owner, _, chunk = task_id.rpartition(":")
+            if owner == job and happened == what:
+                found[chunk] += 1
+    return found
