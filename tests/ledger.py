@@ -1,4 +1,5 @@
-"""What the workers say they wrote: a ledger of a job's ``results_written`` events.
+"""What the workers say they wrote: a ledger of a job's ``results_written`` events (and the one
+parser of the workers' JSON logs, :func:`parse_events`).
 
 The collected output cannot show work done twice: results live in a hash keyed by item index, so
 collecting gives one row per item whatever happened.  The workers' own events can.  Every write
@@ -153,3 +154,32 @@ def deliveries(paths: Iterable[Path], job: str, what: str = "received") -> Count
             if owner == job and happened == what:
                 found[chunk] += 1
     return found
+
+
+def parse_events(text: str, event: str | None = None, **match: object) -> list[dict[str, object]]:
+    """The structlog JSON events in worker log text (Celery's own lines are skipped), optionally
+    only those named ``event`` whose fields equal ``match`` (e.g. ``job=...``)."""
+    found: list[dict[str, object]] = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        if event is not None and row.get("event") != event:
+            continue
+        if all(row.get(k) == v for k, v in match.items()):
+            found.append(row)
+    return found
+
+
+def log_events(path: Path, event: str | None = None, **match: object) -> list[dict[str, object]]:
+    """:func:`parse_events` of the log file at ``path`` (none while it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return parse_events(text, event, **match)

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from tests.cluster import final_status, in_flight, job_counts, log_events
-from tests.helpers import REPO, RedisServer, WorkerProcess, genq, rows, wait_for, write_prompts
+from tests.helpers import RedisServer, WorkerProcess, genq, one_row_profile, rows, wait_for, write_prompts
 from tests.ledger import Ledger, deliveries
 from worker.chunks import chunk_number, chunk_range
 from worker.core.schema import ItemResult
@@ -58,13 +58,7 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     folder = tmp_path_factory.mktemp("pair")
-    configs = folder / "configs"
-    configs.mkdir()
-    text = (REPO / "configs" / "tiny-random.yaml").read_text()
-    text = text.replace("name: tiny-random", f"name: {PROFILE}").replace(
-        "max_batch_size: 8", "max_batch_size: 1   # one row at a time: micro-batches of 4 items"
-    )
-    (configs / f"{PROFILE}.yaml").write_text(text)
+    configs = one_row_profile(folder, PROFILE)
     server = RedisServer(folder / "redis")
     server.start()
     env = {
