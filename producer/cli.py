@@ -87,10 +87,14 @@ def job_params(kw: dict[str, Any]) -> GenParams:
         raise InputError(f"--{name.replace('_', '-')}: {problem.detail}", field=name) from None
 
 
-def client() -> Client:
+WATCH_RETRY_SECONDS = 3.0
+"""How long `genq status` retries a lost connection before saying so (and counting down)."""
+
+
+def client(retry_seconds: float = 60.0) -> Client:
     from producer.client import Client
 
-    return Client()
+    return Client(retry_seconds=retry_seconds)
 
 
 def announce(job_id: str) -> None:
@@ -173,7 +177,7 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int) -> None:
     stale and finished, with what each takes in Redis."""
     from producer.progress import follow, summary_line
 
-    c = client()
+    c = client(WATCH_RETRY_SECONDS)
     if job_id is None:
         states = c.jobs(limit, sizes=True)
         if as_json:

@@ -144,9 +144,12 @@ class Deleted:
 
 class Client:
     """Submit and follow jobs.  ``url`` defaults to ``GENQ_BROKER_URL``.  Fails within seconds,
-    naming the URL (password hidden) and what to check, when Redis cannot be reached."""
+    naming the URL (password hidden) and what to check, when Redis cannot be reached; once
+    connected, a lost connection is retried for ``retry_seconds`` (a Redis restart)."""
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, *, settings: Settings | None = None, retry_seconds: float = 60.0
+    ) -> None:
         base = settings or get_settings()
         if url:
             base = base.model_copy(update={"broker_url": SecretStr(url)})
@@ -155,7 +158,7 @@ class Client:
             raise ConfigError(
                 "no broker: pass a Redis URL or set GENQ_BROKER_URL (or use `genq run`, embedded)"
             )
-        self.store = RedisStore(settings=self.settings)
+        self.store = RedisStore(settings=self.settings, retry_seconds=retry_seconds)
         self.store.check()
         self._app: Celery | None = None
 

@@ -72,9 +72,14 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(path: str | os.PathLike[str], options: SubmitOptions) -> str:
+    """The file's bytes and the job's options, hashed: equal for the same submit."""
+    return hashlib.sha256(f"{file_digest(path)}|{options.fingerprint()}".encode()).hexdigest()
+
+
 def derived_job_id(path: str | os.PathLike[str], options: SubmitOptions) -> str:
     """The same file (by content), profile and parameters give the same job id."""
-    digest = hashlib.sha256(f"{file_digest(path)}|{options.fingerprint()}".encode()).hexdigest()[:12]
+    digest = source_fingerprint(path, options)[:12]
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(path).stem)[:40] or "job"
     return f"{stem}-{digest}"
 

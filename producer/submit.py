@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.inputs import ItemStream, stream_items, stream_records
-from producer.options import SubmitOptions, input_limits
+from producer.options import SubmitOptions, input_limits, source_fingerprint
 from worker.chunks import chunk_count, chunk_id, chunk_range
 from worker.core.errors import InputError, JobConflict, StoreFull
 from worker.core.identity import JobDigest, job_context
@@ -71,6 +71,7 @@ class Submitter:
         self.publish = publish
         self.live_messages = live_messages
         self.options = options
+        self._source_fingerprint: str | None = None
 
     def submit(
         self,
@@ -112,13 +113,22 @@ class Submitter:
             expires_at=(time.time() + o.expires_in) if o.expires_in is not None else None,
             input_digest=digest,
             source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
+            source_fingerprint=self._fingerprint(source),
         )
+
+    def _fingerprint(self, source: Source) -> str:
+        if not isinstance(source, str | os.PathLike):
+            return ""
+        if self._source_fingerprint is None:
+            self._source_fingerprint = source_fingerprint(source, self.options)
+        return self._source_fingerprint
 
     def _check_same_options(self, partial: JobSpec) -> None:
         """A partial job of this id must have been submitted with the same options."""
-        mine = self._spec(partial.job_id, "", total=0, digest="")
-        fields = ("profile", "mode", "chunk_size", "defaults", "system_prompt")
-        if any(getattr(mine, f) != getattr(partial, f) for f in fields):
+        o = self.options
+        mine = (o.profile.name, o.mode, o.chunk_size, o.params, o.system_prompt)
+        theirs = (partial.profile, partial.mode, partial.chunk_size, partial.defaults, partial.system_prompt)
+        if mine != theirs:
             raise JobConflict(
                 f"job {partial.job_id} was partly submitted with other options (profile, mode, chunk size or "
                 f"parameters): submit with another --job-id, or `genq delete {partial.job_id}`"
@@ -158,13 +168,10 @@ class Submitter:
         """The job exists and its submit finished: same input → re-publish what lost its message;
         a different input → refuse."""
         existing = self.store.spec(job_id)
-        o = self.options
-        digest = JobDigest(job_context(o.profile, o.params, o.system_prompt))
-        stream = _stream(source, self.options)
-        for page in _pages(stream):
-            for item in page:
-                digest.add(item.model_dump_json(exclude_defaults=True))
-        if digest.hexdigest() != existing.input_digest or existing.profile != self.options.profile.name:
+        same_file = bool(existing.source_fingerprint) and existing.source_fingerprint == self._fingerprint(
+            source
+        )
+        if not same_file and not self._same_input(source, existing):
             raise JobConflict(
                 f"job {job_id} exists with a different input or profile: submit with another --job-id "
                 f"(or none), or `genq delete {job_id}` first"
@@ -172,6 +179,15 @@ class Submitter:
         state = self.store.state(job_id)
         enqueued = 0 if state.final else self._publish_all(existing, resumed=True, check_done=True)
         return SubmitReport(job_id, True, enqueued, existing.total, state.counts.errored, state.status)
+
+    def _same_input(self, source: Source, existing: JobSpec) -> bool:
+        """Read the whole input again: does it make the job ``existing`` is?"""
+        o = self.options
+        digest = JobDigest(job_context(o.profile, o.params, o.system_prompt))
+        for page in _pages(_stream(source, o)):
+            for item in page:
+                digest.add(item.model_dump_json(exclude_defaults=True))
+        return digest.hexdigest() == existing.input_digest and existing.profile == o.profile.name
 
     # --- chunks ----------------------------------------------------------------------------------
 

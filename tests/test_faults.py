@@ -400,6 +400,9 @@ def test_sigterm_mid_chunk_hands_back_the_rest_and_nothing_is_half_written(
     (chunk,) = running
     handed = log_events(worker.log_path, "chunk_handed_back", job=job)
     assert [(e["chunk"], e["written"]) for e in handed] == [(chunk, 32)]
+    # a normal hand-back is an event, not a crash: Celery's Reject line carries no traceback
+    rejected = [e for e in log_events(worker.log_path) if "reject requeue=True" in str(e.get("event"))]
+    assert len(rejected) == 1 and "Traceback" not in worker.log_path.read_text()
     assert job_counts(r, job) == stored("in_progress", total=128, succeeded=32)
     assert r.hgetall(f"genq:job:{job}:running") == {}
     assert attempts(r, job).get(chunk) == 0

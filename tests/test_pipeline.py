@@ -24,6 +24,8 @@ class Served:
     state: dict[str, Any]
     rows: list[dict[str, Any]]
     listed: list[dict[str, Any]]
+    log: str
+    """The worker's whole log (it has stopped)."""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         out = folder / "out.jsonl"
         genq(server.url, "collect", job_id, "-o", str(out))
         listed = json.loads(genq(server.url, "workers", "--json").stdout)
-        yield Served(prompts, state, rows(out), listed)
+        worker.stop()
+        yield Served(prompts, state, rows(out), listed, worker.log_path.read_text())
     finally:
         worker.stop()
         server.stop()
@@ -74,6 +77,14 @@ def test_cli_job_through_one_fp32_worker(served: Served) -> None:
     # the live worker is listed
     assert [w["name"] for w in served.listed] == ["fp32-a"]
     assert served.listed[0]["mode"] == "fp32" and served.listed[0]["items"] >= N
+    # quiet by default: one log format (Celery's own lines and warnings too), no library chatter
+    plain = [line for line in served.log.splitlines() if line.strip()]
+    not_json = [line for line in plain if not line.startswith("{")]
+    assert not_json == ["worker: Warm shutdown (MainProcess)"], not_json
+    events = [json.loads(line) for line in plain if line.startswith("{")]
+    assert any(e.get("logger", "").startswith("celery") and "succeeded" in e["event"] for e in events)
+    for noise in ("kernels", "Token indices sequence length", "Traceback", "Loading checkpoint"):
+        assert not any(noise in line for line in plain), noise
 
 
 def test_embedded_run_gives_the_same_rows_as_a_worker(served: Served, tmp_path: Path) -> None:

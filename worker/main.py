@@ -164,9 +164,10 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     if not settings.broker:
         raise click.UsageError("GENQ_BROKER_URL is not set (e.g. redis://127.0.0.1:6379/0)")
 
-    from worker.core.logs import configure, get_logger
+    from worker.core.logs import configure, get_logger, route_stdlib_logging
 
     configure()
+    route_stdlib_logging()  # Celery's lines and Python warnings as genq events, from the start
     node = name or f"{socket.gethostname()}-{os.getpid()}"
     log = get_logger(worker=node)
     try:
@@ -214,6 +215,7 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     if pool == "solo":
         runtime.start_heartbeat()
     argv = [
+        "--quiet",  # no banner: the worker_starting event above says what it would
         "worker",
         "--pool",
         pool,

@@ -138,14 +138,40 @@ def join_text_parts(parts: list[Any], field_name: str) -> str:
 NO_PARAMS = GenParams()
 
 
+_PARAMS_CACHE: dict[tuple[tuple[str, type, Any], ...], GenParams] = {}
+PARAMS_CACHE_SIZE = 4096
+"""Distinct parameter sets kept validated: files mostly repeat a few, and pydantic's validation
+is the largest cost of reading a line."""
+
+
+def _params_key(raw: dict[str, Any]) -> tuple[tuple[str, type, Any], ...] | None:
+    """A hashable key for ``raw`` that tells 1 from 1.0 from true; None when a value is not a
+    plain scalar or a list of strings."""
+    key = []
+    for name, value in raw.items():
+        if isinstance(value, list):
+            if not all(type(v) is str for v in value):
+                return None
+            value = tuple(value)
+        elif not isinstance(value, str | int | float | bool):
+            return None
+        key.append((name, type(value), value))
+    return tuple(sorted(key, key=lambda t: t[0]))
+
+
 def check_params(raw: dict[str, Any], limits: InputLimits, name_of: Callable[[str], str]) -> GenParams:
     """Validate generation parameters; ``name_of`` maps a GenParams field to its field path."""
     if not raw:
         return NO_PARAMS
-    try:
-        params = GenParams(**raw)
-    except ValidationError as exc:
-        raise translate(exc, rename=name_of) from None
+    key = _params_key(raw)
+    params = _PARAMS_CACHE.get(key) if key is not None else None
+    if params is None:
+        try:
+            params = GenParams(**raw)
+        except ValidationError as exc:
+            raise translate(exc, rename=name_of) from None
+        if key is not None and len(_PARAMS_CACHE) < PARAMS_CACHE_SIZE:
+            _PARAMS_CACHE[key] = params
     cap = limits.max_new_tokens
     if cap is not None and params.max_new_tokens is not None and params.max_new_tokens > cap:
         raise Problem(

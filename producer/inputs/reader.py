@@ -230,7 +230,7 @@ class _Collector:
 
 
 def _sniff(record: Mapping[Any, Any]) -> InputFormat | None:
-    if any(key in record for key in OPENAI_KEYS):
+    if not OPENAI_KEYS.isdisjoint(record):
         return "openai"
     if "prompt" in record or "messages" in record:
         return "native"

@@ -1,7 +1,9 @@
 """structlog set-up: JSON lines when not on a terminal, readable console output on one.
 
 Events carry ``job``, ``chunk`` and ``worker`` ids through ``structlog.contextvars``; any value that
-looks like a URL with a password is redacted before it is written.
+looks like a URL with a password is redacted before it is written.  :func:`route_stdlib_logging`
+sends the standard library's log records (Celery's, kombu's, Python warnings) through the same
+processors, so a worker's log has one format.
 """
 
 from __future__ import annotations
@@ -27,6 +29,50 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _renderer(settings: Settings) -> Any:
+    fmt = settings.log_format
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    if fmt == "json":
+        return structlog.processors.JSONRenderer(sort_keys=False)
+    return structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+
+
+class _Expected(logging.Filter):
+    """Drops the traceback Celery attaches to a task's deliberate ``Reject`` (genq hands a chunk
+    back that way on SIGTERM or a lost store): the event says what happened; a traceback would
+    read as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ == "Reject":
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def route_stdlib_logging(settings: Settings | None = None) -> None:
+    """Render every stdlib log record (Celery, kombu, ``warnings``) as a genq event."""
+    settings = settings or get_settings()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=_renderer(settings),
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _redact,
+            ],
+        )
+    )
+    handler.addFilter(_Expected())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(getattr(logging, settings.log_level))
+    logging.captureWarnings(True)
+
+
 def configure(settings: Settings | None = None, *, force: bool = False) -> None:
     """Configure structlog (and the stdlib root logger it renders through) once per process."""
     global _configured
@@ -34,14 +80,7 @@ def configure(settings: Settings | None = None, *, force: bool = False) -> None:
         return
     settings = settings or get_settings()
     level = getattr(logging, settings.log_level)
-    fmt = settings.log_format
-    if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    renderer = _renderer(settings)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -164,6 +164,9 @@ class JobSpec(_Strict):
     expires_at: float | None = None
     input_digest: str = ""
     source: str | None = None
+    source_fingerprint: str = ""
+    """A file job's bytes and options, hashed: a resubmit of the same file with the same options
+    is recognised without reading the file again."""
 
 
 class Counts(BaseModel):

@@ -118,6 +118,10 @@ def probe(timeout: float = 120.0) -> Facts:
     """Gather facts about this machine without initialising CUDA in this process."""
     import psutil
 
+    from worker.model.quiet import quiet_model_libraries
+
+    quiet_model_libraries()  # before bitsandbytes' first import (bnb_cpu_works)
+
     vm = psutil.virtual_memory()
     gpus: list[GpuFacts] = []
     notes: list[str] = []

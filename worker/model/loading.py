@@ -284,6 +284,9 @@ def load_model(
     facts: Facts | None = None,
 ) -> Loaded:
     """Resolve, check memory, load base + adapter in the chosen mode.  Raises genq errors only."""
+    from worker.model.quiet import quiet_model_libraries
+
+    quiet_model_libraries()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

@@ -34,8 +34,16 @@ def _message(app: Celery, channel: Any, ref: ChunkRef, queue: str, priority: int
     """One task message, serialised exactly as kombu's Redis transport stores it."""
     tid = task_id(ref)
     # the options send_task would pass for this task, so the message is the one it would write
+    # (a short argsrepr: Celery's own saferepr of the index list costs more than the rest)
     task = app.amqp.as_task_v2(
-        tid, TASK_NAME, args=[ref.model_dump()], kwargs={}, reply_to=app.thread_oid, ignore_result=None
+        tid,
+        TASK_NAME,
+        args=[ref.model_dump()],
+        kwargs={},
+        reply_to=app.thread_oid,
+        ignore_result=None,
+        argsrepr=f"[{tid} ({len(ref.indices)} items)]",
+        kwargsrepr="{}",
     )
     content_type, content_encoding, body = serialize(task.body, serializer="json")
     properties = {**task.properties, "delivery_mode": PERSISTENT}

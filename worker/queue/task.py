@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 
 from worker.chunks import process_chunk
 from worker.core.errors import JobNotFound, ShutdownRequested, StoreUnavailable
-from worker.core.logs import get_logger
+from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
 from worker.queue.publish import publish_chunks
@@ -66,6 +66,13 @@ def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
     runtime.stats.chunks += 1
     runtime.stats.add(outcome.written, outcome.tokens, outcome.seconds)
     return outcome.as_dict()
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    """Celery's own lines (task received, succeeded, handed back) in genq's log format, instead
+    of Celery's; connecting this signal also keeps Celery from configuring logging itself."""
+    route_stdlib_logging()
 
 
 @signals.worker_shutting_down.connect

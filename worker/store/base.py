@@ -21,10 +21,16 @@ _SOURCES = {name: (LUA / f"{name}.lua").read_text(encoding="utf-8") for name in 
 
 
 class StoreBase:
-    """A connection to the job store.  ``client`` replaces the connection (tests)."""
+    """A connection to the job store.  A lost connection is retried for about ``retry_seconds``
+    (a Redis restart) before :class:`StoreUnavailable`.  ``client`` replaces the connection."""
 
     def __init__(
-        self, url: str | None = None, *, settings: Settings | None = None, client: redis.Redis | None = None
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        client: redis.Redis | None = None,
+        retry_seconds: float = 60.0,
     ) -> None:
         self.settings = settings or get_settings()
         url = url or self.settings.broker
@@ -32,7 +38,7 @@ class StoreBase:
             raise StoreUnavailable("GENQ_BROKER_URL is not set: no job store to talk to")
         self.url = url or ""
         self.url_display = redact_url(url) if url else "<client>"
-        self.r: redis.Redis = client if client is not None else connect(self.url)
+        self.r: redis.Redis = client if client is not None else connect(self.url, retry_seconds=retry_seconds)
         self.scripts = {name: self.r.register_script(src) for name, src in _SOURCES.items()}
         self._specs: dict[str, JobSpec] = {}
         """Specs of complete jobs (they never change): read once per process."""

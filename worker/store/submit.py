@@ -128,7 +128,7 @@ class SubmitStore(JobStore):
     def finish_submit(self, job_id: str) -> JobStatus:
         """Every chunk is published: the job becomes ``queued`` (or ``in_progress``, or
         ``completed`` when nothing was left to run) and its TTL is lifted."""
-        keys = [job_key(job_id), *job_keys(job_id)[1:]]
+        keys = job_keys(job_id)
         status = self._script("finish_submit", keys, [time.time(), self.settings.result_ttl])
         return JobStatus(status)
 

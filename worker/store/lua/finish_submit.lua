@@ -1,6 +1,5 @@
 -- A submit has written every input and published every chunk: the job leaves 'submitting'.
--- KEYS: job, then every other key of the job (all PERSIST'ed, the job too: the partial job's TTL
--- is lifted; a job still queued a day later must not lose its record)
+-- KEYS: every key of the job, its hash first (PERSIST'ed: the partial job's TTL is lifted)
 -- ARGV: now, retention ttl.  A job whose items were all done meanwhile (every line invalid, or
 -- workers faster than the submit) finishes here.  Returns the status it is left in.
 local job = KEYS[1]
