@@ -103,6 +103,22 @@ class Ledger:
                 out.setdefault(i, []).append(w)
         return out
 
+    def not_first(self, stored: dict[int, Any]) -> dict[int, tuple[object, ...]]:
+        """Stored results (index → a result with ``worker`` and ``attempts``) that are not the
+        write the store kept first, as (stored worker, attempts, first writer, its attempt).
+        Greedy text is the same from every worker: who wrote it, and in which delivery, is not."""
+        writers = self.writers()
+        wrong: dict[int, tuple[object, ...]] = {}
+        for i, result in stored.items():
+            first = writers.get(i)
+            if not first or (result.worker, result.attempts) != (first[0].worker, first[0].attempt):
+                wrong[i] = (
+                    result.worker,
+                    result.attempts,
+                    *((first[0].worker, first[0].attempt) if first else ()),
+                )
+        return wrong
+
     @property
     def duplicates(self) -> int:
         """Writes the store kept beyond the first of each item (0 when first write wins)."""

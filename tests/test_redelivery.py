@@ -155,11 +155,7 @@ def test_two_live_workers_on_one_chunk_first_write_wins(pair: Pair, tmp_path: Pa
     ledger = Ledger.from_logs(pair.logs(), job)
     writers = ledger.writers()
     assert sorted(writers) == list(range(total)) and ledger.duplicates == 0
-    wrong = {
-        i: (x.worker, x.attempts, writers[i][0].worker, writers[i][0].attempt)
-        for i, x in results.items()
-        if (x.worker, x.attempts) != (writers[i][0].worker, writers[i][0].attempt)
-    }
+    wrong = ledger.not_first(results)
     assert not wrong, f"stored results that are not the first write (stored vs first): {wrong}"
     # the chunk really was held by two live workers: both wrote, both dropped, in overlapping time
     by_worker = {w.name: [x for x in ledger.writes if x.worker == w.name] for w in pair.workers}
