@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 EVENT = "results_written"
-_TASK = re.compile(r"Task genq\.run_chunk\[([^\]]+)\] (received|succeeded)")
+_TASK = re.compile(r"Task genq\.run_chunk\[([^\]]+)\] (\w+)")
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,10 @@ class Ledger:
 
 def deliveries(paths: Iterable[Path], job: str, what: str = "received") -> Counter[str]:
     """Chunk id → how many times Celery handed the chunk's message to a worker (``received``), or
-    how many of those deliveries returned (``succeeded``), from Celery's own ``Task
-    genq.run_chunk[<job>:<chunk>] received`` lines: a count outside genq's code, to hold the
-    store's attempt counts against (an attempt is counted at most once per delivery)."""
+    how many of those deliveries ended (``returned``: succeeded, failed, rejected, ...), from
+    Celery's own ``Task genq.run_chunk[<job>:<chunk>] received`` lines: a count outside genq's
+    code, to hold the store's attempt counts against (an attempt is counted at most once per
+    delivery)."""
     found: Counter[str] = Counter()
     for path in paths:
         try:
@@ -167,7 +168,7 @@ def deliveries(paths: Iterable[Path], job: str, what: str = "received") -> Count
             continue
         for task_id, happened in _TASK.findall(text):
             owner, _, chunk = task_id.rpartition(":")
-            if owner == job and happened == what:
+            if owner == job and (happened == "received") == (what == "received"):
                 found[chunk] += 1
     return found
 

@@ -105,8 +105,8 @@ def settle(r: redis.Redis, pair: Pair, job: str, killed: int = 0) -> None:
 
     def settled() -> bool:
         received = sum(deliveries(pair.logs(), job).values())
-        returned = sum(deliveries(pair.logs(), job, "succeeded").values())
-        return received - returned == killed and r.hlen("unacked") == 0 and r.llen(f"genq.{PROFILE}.any") == 0
+        returned = sum(deliveries(pair.logs(), job, "returned").values())
+        return returned >= received - killed and r.hlen("unacked") == 0 and r.llen(f"genq.{PROFILE}.any") == 0
 
     wait_for(settled, timeout=60, interval=0.2, what="every delivery of the job to return")
 
