@@ -8,7 +8,16 @@ It starts its own ``redis-server`` (append-only file on) on a free port and one 
 (tiny-random, fp32, visibility timeout 5 s).  While the job is in progress it waits until the
 worker is generating a chunk that still has unwritten items, SIGKILLs it, and starts it again,
 ``--kills`` times spread evenly over the job's progress.  Then it collects the job and checks
-every item: present exactly once, in input order, ``ok``.  Exit status 0 only if all of that holds.
+every item: present, in input order, ``ok``.  Exit status 0 only if all of that holds and no item
+was written twice.
+
+Work done twice is counted from the worker's own ``results_written`` events (:mod:`tests.ledger`),
+not from the collected output (a hash keyed by item index: it cannot hold a duplicate):
+``duplicates`` is how many writes the store kept beyond the first of an item (first write wins:
+0), ``dropped_items`` how many results were generated and then dropped, and
+``wasted_token_ratio`` the completion tokens the worker generated ÷ those in the results (1.00:
+nothing generated twice; tokens a killed process generated but never wrote are in no event).
+``written_unlogged`` counts items stored by a process killed between the write and its log line.
 Nothing here is mocked; the only test switch is ``GENQ_FAULT_SLOW_MS`` (a sleep per micro-batch)
 so that a tiny model's chunk lasts long enough to be killed mid-way.
 """
@@ -35,6 +44,7 @@ from tests.cluster import (
     wait_for,
     write_prompts,
 )
+from tests.ledger import Ledger
 
 PROFILE = "tiny-random"
 
@@ -83,6 +93,8 @@ def soak(
         ids = [row["id"] for row in rows]
         expected = [f"p{i:04d}" for i in range(items)]
         attempts = [int(v) for v in r.hgetall(f"genq:job:{job}:attempts").values()]
+        ledger = Ledger.from_logs([worker.log_path], job)
+        result_tokens = sum(int(row.get("usage", {}).get("completion_tokens", 0)) for row in rows)
         report.update(
             job=job,
             status=status,
@@ -90,7 +102,6 @@ def soak(
             items_in_flight_at_kills=in_flight_at_kills,
             collected=len(rows),
             lost=len(set(expected) - set(ids)),
-            duplicates=len(ids) - len(set(ids)),
             in_order=ids == expected,
             ok=sum(1 for row in rows if row["status"] == "ok"),
             errored=sum(1 for row in rows if row["status"] != "ok"),
@@ -99,6 +110,8 @@ def soak(
             extra_deliveries=sum(a - 1 for a in attempts),
             worker_starts=worker.starts,
             seconds=round(seconds, 1),
+            **ledger.summary(result_tokens),
+            written_unlogged=items - ledger.written_items,
         )
     finally:
         worker.stop()

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import TypeVar
 
 import redis
 
+from tests.ledger import log_events as log_events  # one JSON-log parser, re-exported here
+from tests.ledger import parse_events as parse_events
 from worker.chunks import chunk_number, chunk_range
 from worker.core.states import FINAL_STATUSES
 
@@ -38,13 +41,28 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) ->
 
 
 class RedisServer:
-    """A real ``redis-server`` on a free port; ``restart()`` keeps its append-only file."""
+    """A real ``redis-server`` on a free port; ``restart()`` keeps its append-only file.  With
+    ``prefix`` (``ip netns exec NS``) it runs elsewhere, bound to ``host``; :meth:`client` then
+    talks to it through its Unix socket."""
 
-    def __init__(self, folder: Path, *, password: str | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        password: str | None = None,
+        appendonly: bool = True,
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ) -> None:
         self.folder = folder
         self.port = free_port()
         self.password = password
         self.appendonly = appendonly
+        self.host = host
+        self.prefix = prefix or []
+        self.socket = folder / "redis.sock"
+        if len(str(self.socket)) > 100:  # the limit of a Unix socket's path
+            self.socket = Path(tempfile.mkdtemp(prefix="genq-redis-")) / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         binary = shutil.which("redis-server")
         if binary is None:
@@ -54,16 +72,26 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    @property
+    def local_url(self) -> str:
+        """The URL of its Unix socket: reachable whatever happens to the network."""
+        return f"unix://{self.socket}?db=0" + (f"&password={self.password}" if self.password else "")
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [
+            *self.prefix,
             self.binary,
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.host,
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
             "--dir",
             str(self.folder),
             "--save",
@@ -79,11 +107,15 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.host != "127.0.0.1":  # a test network of namespaces: its clients are other hosts
+            args += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.2)
+                    s.connect(str(self.socket))
                     return
             except OSError:
                 time.sleep(0.05)
@@ -99,8 +131,7 @@ class RedisServer:
         self.start()
 
     def client(self) -> redis.Redis:
-
-        return redis.Redis.from_url(self.url, decode_responses=True)
+        return redis.Redis.from_url(self.local_url, decode_responses=True)
 
 
 def env_for(redis_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -127,8 +158,14 @@ class WorkerProcess:
         name: str | None = None,
         concurrency: int = 1,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        observe_url: str | None = None,
     ) -> None:
+        """``prefix`` runs it elsewhere (``ip netns exec NS``); ``observe_url`` is how this process
+        sees the Redis it uses (default: ``redis_url``)."""
         self.redis_url = redis_url
+        self.prefix = prefix or []
+        self.observe_url = observe_url or redis_url
         self.log_path = log_path
         self.profile = profile
         self.mode = mode
@@ -151,6 +188,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "worker.main",
@@ -180,7 +218,7 @@ class WorkerProcess:
         heartbeat left by a process of the same name that was killed a moment ago does not count."""
         import json
 
-        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        r = redis.Redis.from_url(self.observe_url, decode_responses=True)
         deadline = time.monotonic() + timeout
         prefix = f"genq:worker:{self.name}"
         while time.monotonic() < deadline:
@@ -250,37 +288,6 @@ def write_prompts(path: Path, n: int, *, max_new_tokens: int = 8, prefix: str = 
     return path
 
 
-def parse_events(text: str, event: str | None = None, **match: object) -> list[dict[str, object]]:
-    """The structlog JSON events in worker log text (Celery's own lines are skipped), optionally
-    only those named ``event`` whose fields equal ``match`` (e.g. ``job=...``)."""
-    import json
-
-    found: list[dict[str, object]] = []
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict):
-            continue
-        if event is not None and row.get("event") != event:
-            continue
-        if all(row.get(k) == v for k, v in match.items()):
-            found.append(row)
-    return found
-
-
-def log_events(path: Path, event: str | None = None, **match: object) -> list[dict[str, object]]:
-    """:func:`parse_events` of the log file at ``path`` (none while it does not exist)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    return parse_events(text, event, **match)
-
-
 def in_flight(
     r: redis.Redis, job_id: str, *, worker: str | None = None, since: float = 0.0
 ) -> dict[str, int]:
@@ -345,16 +352,21 @@ def final_status(r: redis.Redis, job_id: str) -> str:
 
 
 def run_genq(
-    redis_url: str | None, *args: str, env: dict[str, str] | None = None, check: bool = True
+    redis_url: str | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``genq ARGS`` in a subprocess against ``redis_url`` (none: embedded)."""
+    """``genq ARGS`` in a subprocess against ``redis_url`` (none: embedded), run after ``prefix``
+    (``ip netns exec NS``) when given."""
     import sys
 
     full = env_for(redis_url, **(env or {}))
     if redis_url is None:
         full.pop("GENQ_BROKER_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [*(prefix or []), sys.executable, "-m", "producer.cli", *args],
         cwd=REPO,
         env=full,
         capture_output=True,

@@ -29,6 +29,7 @@ __all__ = [
     "free_port",
     "genq",
     "make_job",
+    "one_row_profile",
     "rows",
     "wait_for",
     "write_prompts",
@@ -53,3 +54,18 @@ def make_job(store: Any, spec: Any, items: Sequence[Any]) -> None:
     store.write_inputs(spec.job_id, [(it.index, it.model_dump_json()) for it in items])
     store.complete_inputs(spec)
     store.finish_submit(spec.job_id)
+
+
+def one_row_profile(folder: Path, name: str = "tiny-rows1") -> Path:
+    """A configs folder (for ``GENQ_CONFIGS_DIR``) holding ``name``: tiny-random decoding one row
+    at a time, so that a micro-batch is 4 items and each item is written as it finishes (with
+    ``GENQ_FAULT_SLOW_MS``, a chunk then lasts as long as a test needs, in steps of 4 items)."""
+    configs = folder / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "configs" / "tiny-random.yaml").read_text()
+    text = text.replace("name: tiny-random", f"name: {name}").replace(
+        "max_batch_size: 8", "max_batch_size: 1   # one row at a time: micro-batches of 4 items"
+    )
+    assert f"name: {name}" in text and "max_batch_size: 1 " in text
+    (configs / f"{name}.yaml").write_text(text)
+    return configs

@@ -4,6 +4,9 @@ figures rest on compute what they say."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from bench import engine, flops, gpu, grammars, prefix, queue, scaling, structured
+from tests.helpers import REPO, env_for
 
 
 def test_queue_benchmark_smoke() -> None:
@@ -41,6 +45,60 @@ def test_engine_benchmark_smoke() -> None:
     peak = result["kernel_peak_gflops"]
     assert peak["best"] == max(peak["matmul"], peak["packed"]) > 0
     assert 0 < result["roofline_fraction"] < 1
+    assert result["generate_batch"] == "skipped"
+
+
+def test_engine_benchmark_figures_agree_with_a_clock_outside_it() -> None:
+    """bench.engine in its own process (the tiny model), each line of its output time-stamped here
+    as it arrives, so its figures are checked against a clock outside the code under test:
+
+    * the naive run's seconds: from the warm-up's ``naive 1/1`` line to the last ``naive 4/4``;
+    * the engine's seconds: from its ``engine:`` line to the warm-up's line, less the warm-up
+      (4 tokens of one prompt: at most twice 4 naive tokens' time);
+    * tokens by construction: EOS is ignored, so each prompt generates exactly ``--new-tokens``;
+    * the speedup must lie between the ratios those bounds allow (not merely equal the ratio of
+      the benchmark's own rates, which is how it is computed)."""
+    items, new, naive_items = 32, 8, 4
+    args = ["--tiny", "--json", "--items", str(items), "--new-tokens", str(new)]
+    args += ["--naive-items", str(naive_items), "--skip-generate-batch", "--padded", "", "--padded-plain", ""]
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "bench.engine", *args],
+        cwd=REPO,
+        env=env_for(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = [(time.monotonic(), line.rstrip("\n")) for line in proc.stdout]
+    assert proc.wait(300) == 0, "\n".join(text for _, text in lines[-30:])
+    result = json.loads(lines[-1][1])
+
+    engine_started = next(t for t, text in lines if text.startswith("[bench] engine:"))
+    naive = [(t, text) for t, text in lines if text.startswith("[bench] naive ")]
+    assert [text for _, text in naive] == ["[bench] naive 1/1"] + [
+        f"[bench] naive {n}/{naive_items}" for n in range(1, naive_items + 1)
+    ]
+    warm_done, naive_done = naive[0][0], naive[-1][0]
+    outside_naive = naive_done - warm_done
+    per_token = outside_naive / (naive_items * new)
+    outside_engine_max = warm_done - engine_started
+    outside_engine_min = outside_engine_max - 2 * 4 * per_token
+
+    def slack(seconds: float) -> float:
+        return 0.05 + 0.05 * seconds
+
+    assert result["engine_tokens"] == items * new
+    assert abs(result["naive_seconds"] - outside_naive) <= slack(outside_naive)
+    assert outside_engine_min - slack(outside_engine_max) <= result["engine_seconds"]
+    assert result["engine_seconds"] <= outside_engine_max + slack(outside_engine_max)
+    naive_rate = (naive_items * new) / outside_naive
+    fastest = items * new / max(outside_engine_min - slack(outside_engine_max), 1e-3)
+    slowest = items * new / (outside_engine_max + slack(outside_engine_max))
+    low = slowest / (naive_items * new / max(outside_naive - slack(outside_naive), 1e-3))
+    high = fastest / (naive_items * new / (outside_naive + slack(outside_naive)))
+    assert low <= result["speedup"] <= high, (low, result["speedup"], high, naive_rate)
+    assert result["roofline_fraction"] >= 0 and result["matmul_peak_gflops"] > 0
     assert result["generate_batch"] == "skipped"
 
 

@@ -30,6 +30,7 @@ import redis
 
 from tests.cluster import final_status, in_flight, job_counts, kill_mid_chunk, log_events
 from tests.helpers import REPO, RedisServer, WorkerProcess, env_for, genq, rows, wait_for, write_prompts
+from tests.ledger import Ledger
 
 PROFILE = "tiny-random"
 QUEUE_ANY = f"genq.{PROFILE}.any"
@@ -166,6 +167,11 @@ def test_400_items_survive_three_sigkills_of_the_only_worker(
     assert caught <= sum(v - 1 for v in tries.values()) <= 3
     assert len(tries) == 100 and min(tries.values()) == 1
     assert not log_events(worker.log_path, "chunk_split") and not log_events(worker.log_path, "chunk_failed")
+    # what the worker says it wrote: nothing kept twice (a kill between a write and its log line
+    # leaves that write, at most 8 rows, out of the events)
+    ledger = Ledger.from_logs([worker.log_path], job)
+    assert ledger.duplicates == 0 and 400 - 8 * len(in_flight_at_kill) <= ledger.written_items <= 400
+    written = ledger.summary(sum(r["usage"]["completion_tokens"] for r in got))
     print(
         "\nDONE-WHEN "
         + json.dumps(
@@ -174,7 +180,9 @@ def test_400_items_survive_three_sigkills_of_the_only_worker(
                 "kills": len(in_flight_at_kill),
                 "items_in_flight_at_kills": in_flight_at_kill,
                 "lost": 400 - len({r["id"] for r in got}),
-                "duplicates": len(got) - len({r["id"] for r in got}),
+                "duplicates": written["duplicates"],
+                "dropped_items": written["dropped_items"],
+                "wasted_token_ratio": written["wasted_token_ratio"],
                 "max_attempts": max(tries.values()),
                 "chunks_redelivered": sum(1 for v in tries.values() if v > 1),
                 "seconds": round(seconds, 1),
@@ -657,6 +665,10 @@ def run_soak(items: int, kills: int, timeout: float) -> dict[str, Any]:
     assert report["kills"] == kills and report["lost"] == 0 and report["duplicates"] == 0
     assert report["in_order"] is True and report["ok"] == items and report["errored"] == 0
     assert report["status"] == "completed" and report["passed"] is True
+    # counted from the worker's events: every item written once (a kill may fall between a write
+    # and its log line), and no more generated than was kept, beyond what the kills interrupted
+    assert report["written_items"] + report["written_unlogged"] == items
+    assert report["written_unlogged"] <= 8 * kills and report["wasted_token_ratio"] is not None
     # each kill that caught unwritten items cost one extra delivery of its chunk (the same chunk
     # may be caught twice); nothing else was delivered twice
     caught = sum(1 for n in report["items_in_flight_at_kills"] if n)

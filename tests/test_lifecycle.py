@@ -190,7 +190,7 @@ def test_job_id_with_another_file_is_refused(server: RedisServer, tmp_path: Path
 def test_interrupted_submit_is_resumed_by_the_same_command(server: RedisServer, tmp_path: Path) -> None:
     """SIGINT in the middle of a big submit: the job id was said first, every key it wrote has a
     TTL, and the same command then finishes it: one job, each chunk enqueued exactly once."""
-    src = write_prompts(tmp_path / "big.jsonl", 60_000)
+    src = write_prompts(tmp_path / "big.jsonl", 150_000)  # seconds of work left when the signal lands
     r = server.client()
     proc = submit_proc(server.url, src, "--chunk-size", "16")
     first = proc.stderr.readline() if proc.stderr else ""
@@ -209,7 +209,7 @@ def test_interrupted_submit_is_resumed_by_the_same_command(server: RedisServer, 
     again = genq(server.url, "submit", str(src), "--profile", PROFILE, "--chunk-size", "16")
     assert again.stdout.strip() == job_id
     ids = task_ids(r)
-    assert len(ids) == 3750 and len(set(ids)) == 3750  # 60,000 / 16, each once
+    assert len(ids) == 9375 and len(set(ids)) == 9375  # 150,000 / 16, each once
     assert all(r.ttl(k) == -1 for k in job_keys(r, job_id) if not k.endswith(":submitter"))
     assert {k.split(":")[2] for k in all_job_keys(r)} == {job_id}
     assert r.hget(f"genq:job:{job_id}", "status") == "queued"

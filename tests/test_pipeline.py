@@ -1,62 +1,84 @@
-"""The queue pipeline against a real Redis and real worker processes."""
+"""The queue pipeline against a real Redis and a real worker process, and the embedded run
+(`genq run` without a broker) compared with it row by row."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers import RedisServer, WorkerProcess, genq, rows, wait_for, write_prompts
 
-
-@pytest.fixture
-def fp32_worker(redis_server: RedisServer, tmp_path: Path):  # type: ignore[no-untyped-def]
-    worker = WorkerProcess(redis_server.url, tmp_path / "fp32.log", mode="fp32", name="fp32-a").start()
-    yield worker
-    worker.stop()
+N = 60
+VARYING = ("worker", "latency_ms")
+"""The only fields of a row that may differ between two runs of the same item."""
 
 
-def test_cli_job_through_one_fp32_worker(
-    redis_server: RedisServer, fp32_worker: WorkerProcess, tmp_path: Path
-) -> None:
+@dataclass
+class Served:
+    prompts: Path
+    state: dict[str, Any]
+    rows: list[dict[str, Any]]
+    listed: list[dict[str, Any]]
+    log: str
+    """The worker's whole log (it has stopped)."""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """60 items submitted through `genq submit`, served by one fp32 worker, collected."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    server = RedisServer(folder / "redis")
+    server.start()
+    worker = WorkerProcess(server.url, folder / "fp32.log", mode="fp32", name="fp32-a")
+    try:
+        worker.start()
+        prompts = write_prompts(folder / "in.jsonl", N)
+        args = ["submit", str(prompts), "--profile", "tiny-random", "--chunk-size", "8"]
+        job_id = genq(server.url, *args).stdout.strip().splitlines()[-1]
+
+        def completed() -> dict[str, Any] | None:
+            state = json.loads(genq(server.url, "status", job_id, "--json").stdout)
+            return state if state["status"] == "completed" else None
+
+        state = wait_for(completed, timeout=120, what="job completed")
+        out = folder / "out.jsonl"
+        genq(server.url, "collect", job_id, "-o", str(out))
+        listed = json.loads(genq(server.url, "workers", "--json").stdout)
+        worker.stop()
+        yield Served(prompts, state, rows(out), listed, worker.log_path.read_text())
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def test_cli_job_through_one_fp32_worker(served: Served) -> None:
     """The issue's done-when: 60 items submitted, status reaches completed, collect gives 60 rows
     in input order, each once, all ok."""
-    prompts = write_prompts(tmp_path / "in.jsonl", 60)
-    job_id = (
-        genq(redis_server.url, "submit", str(prompts), "--profile", "tiny-random", "--chunk-size", "8")
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-
-    def completed() -> dict | None:  # type: ignore[type-arg]
-        state = json.loads(genq(redis_server.url, "status", job_id, "--json").stdout)
-        return state if state["status"] == "completed" else None
-
-    state = wait_for(completed, timeout=120, what="job completed")
+    state = served.state
     assert state["counts"] == {
-        "total": 60,
-        "succeeded": 60,
+        "total": N,
+        "succeeded": N,
         "errored": 0,
         "cancelled": 0,
         "expired": 0,
         "pending": 0,
     }
     assert state["tokens"]["completion"] > 0 and state["tokens_per_second"] > 0
-    assert state["workers"]["fp32-a"]["items"] == 60
-    out = tmp_path / "out.jsonl"
-    genq(redis_server.url, "collect", job_id, "-o", str(out))
-    got = rows(out)
-    assert [r["id"] for r in got] == [f"p{i:04d}" for i in range(60)]
-    assert [r["line"] for r in got] == list(range(1, 61))
+    assert state["workers"]["fp32-a"]["items"] == N
+    got = served.rows
+    assert [r["id"] for r in got] == [f"p{i:04d}" for i in range(N)]
+    assert [r["line"] for r in got] == list(range(1, N + 1))
     assert all(r["status"] == "ok" and r["mode"] == "fp32" and r["worker"] == "fp32-a" for r in got)
     # the live worker is listed
-    listed = json.loads(genq(redis_server.url, "workers", "--json").stdout)
-    assert [w["name"] for w in listed] == ["fp32-a"]
-    assert listed[0]["mode"] == "fp32" and listed[0]["items"] >= 60
+    assert [w["name"] for w in served.listed] == ["fp32-a"]
+    assert served.listed[0]["mode"] == "fp32" and served.listed[0]["items"] >= N
     # quiet by default: one log format (Celery's own lines and warnings too), no library chatter
-    fp32_worker.stop()
-    plain = [line for line in fp32_worker.log_path.read_text().splitlines() if line.strip()]
+    plain = [line for line in served.log.splitlines() if line.strip()]
     not_json = [line for line in plain if not line.startswith("{")]
     assert not_json == ["worker: Warm shutdown (MainProcess)"], not_json
     events = [json.loads(line) for line in plain if line.startswith("{")]
@@ -65,10 +87,17 @@ def test_cli_job_through_one_fp32_worker(
         assert not any(noise in line for line in plain), noise
 
 
-def test_embedded_run_gives_the_same_rows(tmp_path: Path) -> None:
-    prompts = write_prompts(tmp_path / "in.jsonl", 60)
+def test_embedded_run_gives_the_same_rows_as_a_worker(served: Served, tmp_path: Path) -> None:
+    """`genq run` without a broker on the same file (other chunk sizes, no Redis, no Celery):
+    item by item, every field of every row equals the worker's (id, line, status, text,
+    finish_reason, usage, profile, mode, attempts), except who made it and how long it took."""
     out = tmp_path / "out.jsonl"
-    genq(None, "run", str(prompts), "-o", str(out), "--profile", "tiny-random")
+    genq(None, "run", str(served.prompts), "-o", str(out), "--profile", "tiny-random")
     got = rows(out)
-    assert [r["id"] for r in got] == [f"p{i:04d}" for i in range(60)]
-    assert all(r["status"] == "ok" and r["worker"] == "embedded" for r in got)
+    assert len(got) == len(served.rows) == N
+    assert all(r["worker"] == "embedded" for r in got)
+    for mine, theirs in zip(got, served.rows, strict=True):
+        assert set(mine) == set(theirs), (mine, theirs)
+        same = {k: v for k, v in mine.items() if k not in VARYING}
+        assert same == {k: v for k, v in theirs.items() if k not in VARYING}, (mine, theirs)
+        assert mine["text"] and mine["usage"]["completion_tokens"] > 0

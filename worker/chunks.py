@@ -9,7 +9,8 @@
 * every delivery is counted; past ``GENQ_MAX_ATTEMPTS`` the chunk is split in two until a bad
   item is alone, and that item is recorded as ``worker_lost``;
 * results are written per micro-batch, first write wins; each write is logged
-  (``results_written``: generated, written, dropped), so work done twice can be counted;
+  (``results_written``: generated, written, dropped, the indices written and dropped, the
+  delivery's attempt number), so work done twice can be counted from the workers' own events;
 * on shutdown the unfinished part is handed back (the delivery is not counted as an attempt);
 * an unexpected engine error splits the chunk the same way, so one item cannot sink its neighbours.
 
@@ -57,6 +58,9 @@ class ChunkStore(Protocol):
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]: ...
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]: ...
     def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int: ...
+    def record_indices(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+    ) -> list[int]: ...
     def start_attempt(self, job_id: str, cid: str, worker: str) -> int: ...
     def undo_attempt(self, job_id: str, cid: str) -> None: ...
     def add_chunks(
@@ -140,25 +144,35 @@ class _Run:
     spec: JobSpec
     worker: str
     log: Any
+    attempt: int = 0
     written: int = 0
     tokens: int = 0
     store_seconds: float = 0.0
     cancelled: bool = False
 
     def on_results(self, results: list[ItemResult]) -> None:
+        self.write(results)
+
+    def write(self, results: Sequence[ItemResult]) -> int:
+        """Record ``results`` (first write wins) and log what was written and what dropped."""
         t0 = time.perf_counter()
-        new = self.store.record(self.ref.job_id, results, self.worker)
+        new = self.store.record_indices(self.ref.job_id, results, self.worker)
         self.store_seconds += time.perf_counter() - t0
         generated = sum(r.usage.completion_tokens for r in results)
-        self.written += new
+        self.written += len(new)
         self.tokens += generated
+        kept = set(new)
         self.log.info(
             "results_written",
             generated=len(results),
-            written=new,
-            dropped=len(results) - new,
+            written=len(new),
+            dropped=len(results) - len(new),
             generated_tokens=generated,
+            attempt=self.attempt,
+            written_indices=sorted(kept),
+            dropped_indices=sorted(r.index for r in results if r.index not in kept),
         )
+        return len(new)
 
     def cancelled_now(self) -> bool:
         if self.control is None:
@@ -195,7 +209,7 @@ def process_chunk(
     if not pending:
         return Outcome(ChunkOutcome.SKIPPED)
     attempts = store.start_attempt(job_id, cid, worker)
-    run = _Run(store, control, ref, spec, worker, log)
+    run = _Run(store, control, ref, spec, worker, log, attempt=attempts)
     try:
         if attempts == 0:  # the job was deleted under us
             return Outcome(ChunkOutcome.SKIPPED)
@@ -240,7 +254,7 @@ def _past_cap(run: _Run, pending: list[int], attempts: int, publish: Publish) ->
             attempts=attempts - 1,
         )
         run.log.error("item_worker_lost", item=item.id, line=item.line, attempts=attempts - 1)
-        return Outcome(ChunkOutcome.WORKER_LOST, written=run.store.record(job_id, [lost], run.worker))
+        return Outcome(ChunkOutcome.WORKER_LOST, written=run.write([lost]))
     children = run.store.add_chunks(job_id, split(cid, pending), split_parent=cid)
     if children:
         publish(run.spec, children)
@@ -265,7 +279,7 @@ def _generate(
         if it.invalid is not None
     ]
     if invalid:
-        run.written += run.store.record(job_id, invalid, run.worker)
+        run.write(invalid)
     bind(job=job_id, chunk=cid)
     gen_started = time.perf_counter()
     try:
@@ -326,7 +340,8 @@ def _engine_failed(run: _Run, pending: list[int], exc: Exception, attempts: int,
             )
             for it in run.store.items(job_id, still)
         ]
-        return Outcome(ChunkOutcome.DONE, written=run.written + run.store.record(job_id, errs, run.worker))
+        run.write(errs)
+        return Outcome(ChunkOutcome.DONE, written=run.written)
     children = run.store.add_chunks(job_id, split(cid, still), split_parent=cid)
     if children:
         publish(run.spec, children)

@@ -46,6 +46,11 @@ class LocalStore:
         return [self._items[i] for i in indices]
 
     def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int:
+        return len(self.record_indices(job_id, results, worker))
+
+    def record_indices(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+    ) -> list[int]:
         written = [r for r in results if r.index not in self.done]
         for r in written:
             self.done.add(r.index)
@@ -56,7 +61,7 @@ class LocalStore:
             self.prompt_tokens += r.usage.prompt_tokens
         if written and self.on_record:
             self.on_record()
-        return len(written)
+        return [r.index for r in written]
 
     def start_attempt(self, job_id: str, cid: str, worker: str) -> int:
         self.attempts[cid] = self.attempts.get(cid, 0) + 1

@@ -42,8 +42,15 @@ class ResultStore(StoreBase):
     def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int:
         """Write results, first write wins; returns how many were new (0 once the job has been
         cancelled or has expired: what was not done by then stays counted as such)."""
+        return len(self.record_indices(job_id, results, worker))
+
+    def record_indices(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+    ) -> list[int]:
+        """:meth:`record`, returning the indices whose results were new (the rest were dropped:
+        another write of the same item came first)."""
         if not results:
-            return 0
+            return []
         argv: list[Any] = [time.time(), self.settings.result_ttl, worker or "", len(results)]
         for r in results:
             argv += [
@@ -54,10 +61,12 @@ class ResultStore(StoreBase):
                 r.usage.completion_tokens,
             ]
         keys = [job_key(job_id), job_key(job_id, "results"), job_key(job_id, "workers"), *job_keys(job_id)]
-        written = int(self._script("record", keys, argv))
+        written = self._script("record", keys, argv)
         if written == -1:
             raise JobNotFound(f"job {job_id} disappeared while its results were being written")
-        return max(written, 0)
+        if isinstance(written, int):  # -2: the job was cancelled or has expired
+            return []
+        return [int(i) for i in written]
 
     def results(self, job_id: str, total: int) -> Iterator[tuple[int, ItemResult | None]]:
         """``(index, result or None)`` for every item, in input order, a page at a time."""

@@ -2,25 +2,25 @@
 -- KEYS: job, results, workers, then every key of the job (EXPIRE'd when the job finishes)
 -- ARGV: now, retention ttl, worker, n, then n x (index, result json, counter, prompt tokens,
 --       completion tokens); the counter is computed in Python (worker.core.counting).
--- Returns how many results were new, -1 when the job does not exist, -2 when it has ended
--- (cancelled or expired: what was not done then stays counted as such).
+-- Returns the indices whose results were new (the first write of each), -1 when the job does not
+-- exist, -2 when it has ended (cancelled or expired: what was not done then stays counted as such).
 local job, results, workers = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl, worker, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local status = redis.call('HGET', job, 'status')
 if not status then return -1 end
 if status == 'cancelled' or status == 'expired' then return -2 end
-local written, items, ptoks, ctoks = 0, 0, 0, 0
+local written, items, ptoks, ctoks = {}, 0, 0, 0
 for i = 0, n - 1 do
   local b = 5 + i * 5
   if redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
-    written = written + 1
+    written[#written + 1] = tonumber(ARGV[b])
     redis.call('HINCRBY', job, ARGV[b + 2], 1)
     if ARGV[b + 2] == 'succeeded' then items = items + 1 end
     ptoks = ptoks + tonumber(ARGV[b + 3])
     ctoks = ctoks + tonumber(ARGV[b + 4])
   end
 end
-if written == 0 then return 0 end
+if #written == 0 then return written end
 if ptoks > 0 then redis.call('HINCRBY', job, 'prompt_tokens', ptoks) end
 if ctoks > 0 then redis.call('HINCRBY', job, 'completion_tokens', ctoks) end
 if worker ~= '' then
