@@ -237,3 +237,11 @@ def test_plain_linears_switches_the_packed_layers_back_for_a_while() -> None:
     with plain_linears(model) as switched:
         assert switched == 2 and all(type(m) is torch.nn.Linear for m in model)
     assert all(isinstance(m, PackedLinear) for m in model)
+
+
+def test_step_profile_smoke() -> None:
+    from bench import step_profile
+
+    result = step_profile.main(["--tiny", "--rows", "4", "--context", "16", "--steps", "2"])
+    assert result["step_ms"] > 0 and sum(result["shares"].values()) == pytest.approx(1, abs=0.01)
+    assert result["shares"]["linear"] > 0 and result["shares"]["attention"] > 0

@@ -25,8 +25,9 @@ from worker.engine.prompts import Prepared
 PREFIX_MIN_TOKENS = 32
 """Shorter shared beginnings are prefilled with their rows: below this, copying and bookkeeping
 save too little (and a prefix pass of few tokens runs the matrix units badly)."""
-PREFIX_CACHE_BYTES = 1 << 30
-"""The most memory the kept prefixes hold (least recently used dropped first)."""
+PREFIX_CACHE_BYTES = 256 << 20
+"""The most memory the kept prefixes hold (least recently used dropped first).  A 400-token prefix
+of the 200M benchmark model holds 6.6 MB; of Qwen2.5-7B in bf16, 23 MB."""
 
 
 def common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -87,7 +88,8 @@ class PrefixKV:
 
 class PrefixCache:
     """Prefix KV kept across micro-batches and chunks, keyed by token ids, least recently used
-    dropped first beyond ``max_bytes``."""
+    dropped first beyond ``max_bytes``.  The keys and values also depend on the weights: one cache
+    belongs to one engine (one model and adapter); clear it if those ever change."""
 
     def __init__(self, max_bytes: int = PREFIX_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
