@@ -7,105 +7,26 @@ line naming what to fix and exit with status 2; an unreachable Redis is reported
 
 from __future__ import annotations
 
-import functools
 import json
-import re
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from worker.core.errors import GenqError, InputError
+from producer.admin import COMMANDS
+from producer.cliutil import (
+    WATCH_RETRY_SECONDS,
+    announce,
+    client,
+    handle_errors,
+    job_params,
+    param_options,
+    waiting,
+)
+from worker.core.errors import InputError
 from worker.core.schema import GenParams
 from worker.core.settings import get_settings
-
-if TYPE_CHECKING:
-    from producer.client import Client
-
-_current_job: list[str] = []
-"""The id of the job this command works on, once known (for the interrupt message)."""
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GenqError as exc:
-            click.echo(f"genq: error: {exc.message}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            if _current_job and fn.__name__ == "submit":
-                job = _current_job[-1]
-                click.echo(
-                    f"genq: interrupted: job {job} is partial; run the same command to resume it, "
-                    f"or `genq delete {job}`",
-                    err=True,
-                )
-            else:
-                click.echo(
-                    "genq: interrupted (finished results are kept; run the same command to resume)", err=True
-                )
-            sys.exit(130)
-
-    return wrapper
-
-
-def param_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Job-wide generation defaults; items override them."""
-    options = [
-        click.option("--max-new-tokens", type=int, default=None, help="Default max_new_tokens for items."),
-        click.option("--temperature", type=float, default=None, help="0 = greedy (the default)."),
-        click.option("--top-p", type=float, default=None),
-        click.option("--top-k", type=int, default=None),
-        click.option("--seed", type=int, default=None, help="Seed for sampled items that set none."),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--system-prompt", default=None, help="System message for items without one."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def job_params(kw: dict[str, Any]) -> GenParams:
-    from pydantic import ValidationError
-
-    values = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
-    stop = kw.pop("stop")
-    values["stop"] = list(stop) if stop else None
-    try:
-        return GenParams(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        from producer.inputs import translate
-
-        problem = translate(exc)
-        name = (problem.field or "?").split("[")[0]
-        raise InputError(f"--{name.replace('_', '-')}: {problem.detail}", field=name) from None
-
-
-WATCH_RETRY_SECONDS = 3.0
-"""How long `genq status` retries a lost connection before saying so (and counting down)."""
-
-
-def client(retry_seconds: float = 60.0) -> Client:
-    from producer.client import Client
-
-    return Client(retry_seconds=retry_seconds)
-
-
-def announce(job_id: str) -> None:
-    """Say the job id (stderr) before anything is written."""
-    _current_job.append(job_id)
-    click.echo(f"job {job_id}", err=True)
-
-
-def waiting() -> None:
-    click.echo(
-        "another genq submit of this job is running: waiting for it to finish, then resuming", err=True
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -253,93 +174,6 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, error
 
 
 @cli.command()
-@click.argument("job_id")
-@handle_errors
-def cancel(job_id: str) -> None:
-    """Cancel JOB: pending chunks are skipped, running micro-batches finish."""
-    state = client().job(job_id).cancel()
-    # while chunks in flight finish, the items they will not reach are counted at the job's end
-    to_cancel = state.counts.pending if state.status == "cancelling" else state.counts.cancelled
-    reply = {
-        "job_id": job_id,
-        "status": str(state.status),
-        "counts": state.counts.as_dict(),
-        "cancelling": to_cancel,
-    }
-    click.echo(json.dumps(reply))
-
-
-@cli.command()
-@click.argument("job_id")
-@click.option(
-    "--all-errors", is_flag=True, help="Also items whose error is permanent (invalid input, too long)."
-)
-@handle_errors
-def retry(job_id: str, all_errors: bool) -> None:
-    """Run JOB's errored items again: those whose error may pass next time (worker_lost,
-    out_of_memory, generation_error); invalid_input and context_length_exceeded only with
-    --all-errors."""
-    n = client().job(job_id).retry(all_errors=all_errors)
-    click.echo(f"re-enqueued {n} errored items of {job_id}", err=True)
-
-
-@cli.command()
-@click.argument("job_ids", nargs=-1, required=True)
-@handle_errors
-def delete(job_ids: tuple[str, ...]) -> None:
-    """Remove every key of each JOB from Redis and its waiting messages from the queues."""
-    c = client()
-    for job_id in job_ids:
-        gone = c.delete(job_id)
-        click.echo(f"deleted {job_id}: {gone.keys} keys, {gone.messages} waiting messages", err=True)
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise InputError(
-            f"--older-than {text!r}: give a number with s, m, h, d or w (e.g. 7d)", field="older_than"
-        )
-    return float(m.group(1)) * _UNIT[m.group(2)]
-
-
-@cli.command()
-@click.option("--older-than", default="7d", show_default=True, help="Age: 30m, 12h, 7d, 2w ...")
-@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
-@handle_errors
-def prune(older_than: str, dry_run: bool) -> None:
-    """Delete finished jobs that ended, and partial submits last touched, before --older-than."""
-    found = client().prune(parse_duration(older_than), dry_run=dry_run)
-    verb = "would delete" if dry_run else "deleted"
-    for state in found:
-        click.echo(f"{verb} {state.spec.job_id} ({state.label})", err=True)
-    click.echo(f"{verb} {len(found)} jobs", err=True)
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def workers(as_json: bool) -> None:
-    """Live workers: profile, mode, device, items and tokens done, tokens/s."""
-    found = client().workers()
-    if as_json:
-        click.echo(json.dumps(found))
-        return
-    if not found:
-        click.echo("no live workers")
-    for w in found:
-        click.echo(
-            f"{w['name']}: {w['profile']} {w['mode']} on {w['device']}, {w['items']} items, "
-            f"{w['tokens']} tokens, {w['tokens_per_second']} tok/s"
-            + (f", on {w['current']}" if w.get("current") else "")
-        )
-
-
-@cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--profile", required=True)
@@ -454,41 +288,8 @@ def _run_embedded(
     )
 
 
-@cli.command()
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--profile", required=True, help="Model profile (configs/NAME.yaml).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@click.option("--skip-invalid", is_flag=True, help="Count bad lines as errored items instead of refusing.")
-@param_options
-@handle_errors
-def estimate(file: Path, profile: str, as_json: bool, skip_invalid: bool, **kw: Any) -> None:
-    """Tokens in (the profile's tokenizer and chat template), a bound on tokens out, memory per
-    mode and time per worker class (from the speed workers measured) for FILE, before running."""
-    from producer.estimate import estimate_file, render
-    from worker.core.profiles import load_profile
-
-    system_prompt = kw.pop("system_prompt")
-    params = job_params(kw)
-    settings = get_settings()
-    measured, live = [], []
-    if settings.broker:
-        c = client()
-        measured, live = c.store.throughputs(profile), c.workers()
-    report = estimate_file(
-        file,
-        load_profile(profile, settings),
-        settings,
-        params=params,
-        system_prompt=system_prompt,
-        skip_invalid=skip_invalid,
-        measured=measured,
-        live=live,
-    )
-    if as_json:
-        click.echo(json.dumps(report.as_dict()))
-    else:
-        for line in render(report):
-            click.echo(line)
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:
