@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.core.errors import ConfigError
-from worker.core.schema import Item
+from worker.core.schema import Item, chat_messages
 
 
 class PromptCounter:
@@ -67,15 +67,9 @@ class PromptCounter:
     def render(self, item: Item, system_prompt: str | None) -> tuple[str, bool]:
         """The text a worker tokenises and whether it came from the template (as
         :meth:`worker.engine.prompts.Prompts.render`)."""
-        if item.messages is None and not system_prompt:
+        messages = chat_messages(item, system_prompt)
+        if messages is None:
             return item.prompt or "", False
-        messages = (
-            [m.model_dump() for m in item.messages]
-            if item.messages is not None
-            else [{"role": "user", "content": item.prompt or ""}]
-        )
-        if system_prompt and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": system_prompt})
         if self.template is None:
             raise ConfigError("the model's tokenizer has no chat template, so chat items cannot be counted")
         return str(self.template.render(messages=messages, add_generation_prompt=True, **self.special)), True

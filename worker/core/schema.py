@@ -253,3 +253,21 @@ class ChunkRef(_Strict):
     job_id: str
     chunk_id: str
     indices: list[int]
+
+
+def chat_messages(item: Item, system_prompt: str | None = None) -> list[dict[str, Any]] | None:
+    """The messages the chat template renders for ``item``, or None when it is a plain prompt
+    tokenised as it is (no messages, no system prompt).  A plain prompt with a system prompt
+    becomes one user message; a system prompt goes in front unless the messages have their own.
+    The worker (worker/engine/prompts.py) and ``genq estimate`` (producer/tokens.py) both render
+    through this, so they count the same tokens."""
+    if item.messages is None and not system_prompt:
+        return None
+    messages = (
+        [m.model_dump() for m in item.messages]
+        if item.messages is not None
+        else [{"role": "user", "content": item.prompt or ""}]
+    )
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages

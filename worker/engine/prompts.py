@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.core.errors import ContextLengthExceeded, GenerationError
-from worker.core.schema import GenParams, Item
+from worker.core.schema import GenParams, Item, chat_messages
 
 
 class Tokenizer(Protocol):
@@ -53,14 +53,8 @@ class Prompts:
         """The text to tokenise, and whether it already contains the special tokens.  Chat messages,
         or a plain prompt with a system prompt, go through the chat template; a system prompt is
         added in front unless the messages have their own."""
-        if item.messages is not None or system_prompt:
-            messages = (
-                [m.model_dump() for m in item.messages]
-                if item.messages is not None
-                else [{"role": "user", "content": item.prompt or ""}]
-            )
-            if system_prompt and not any(m["role"] == "system" for m in messages):
-                messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = chat_messages(item, system_prompt)
+        if messages is not None:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return str(text), True
         return item.prompt or "", False
