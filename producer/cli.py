@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from producer.metrics_cmd import metrics
 from worker.core.errors import GenqError, InputError
 from worker.core.schema import GenParams
 from worker.core.settings import get_settings
@@ -489,6 +490,9 @@ def estimate(file: Path, profile: str, as_json: bool, skip_invalid: bool, **kw: 
     else:
         for line in render(report):
             click.echo(line)
+
+
+cli.add_command(metrics)  # `genq metrics`: producer/metrics_cmd.py
 
 
 def main() -> None:
