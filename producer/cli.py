@@ -24,6 +24,7 @@ from producer.cliutil import (
     param_options,
     waiting,
 )
+from producer.metrics_cmd import metrics
 from worker.core.errors import InputError
 from worker.core.schema import GenParams
 from worker.core.settings import get_settings
@@ -290,6 +291,9 @@ def _run_embedded(
 
 for _command in COMMANDS:
     cli.add_command(_command)
+
+
+cli.add_command(metrics)  # `genq metrics`: producer/metrics_cmd.py
 
 
 def main() -> None:

@@ -160,9 +160,10 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
         observe_url: str | None = None,
+        args: list[str] | None = None,
     ) -> None:
         """``prefix`` runs it elsewhere (``ip netns exec NS``); ``observe_url`` is how this process
-        sees the Redis it uses (default: ``redis_url``)."""
+        sees the Redis it uses (default: ``redis_url``); ``args`` are more ``start`` options."""
         self.redis_url = redis_url
         self.prefix = prefix or []
         self.observe_url = observe_url or redis_url
@@ -172,6 +173,7 @@ class WorkerProcess:
         self.name = name or f"w-{mode}-{free_port()}"
         self.concurrency = concurrency
         self.extra_env = env or {}
+        self.extra_args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.spawned_at = 0.0
@@ -201,6 +203,7 @@ class WorkerProcess:
                 self.name,
                 "--concurrency",
                 str(self.concurrency),
+                *self.extra_args,
             ],
             cwd=REPO,
             env=env,

@@ -420,6 +420,136 @@ def check_dockerfiles(compose: Compose) -> None:
             assert users and users[-1] not in ("root", "0"), f"{path.name}: the worker must not run as root"
 
 
+# --- monitoring: Prometheus, Grafana, the exporter, the dashboard ----------------------------------
+
+PROMQL_NAME = re.compile(r"\bgenq_[a-z0-9_]+\b")
+MONITORING_YAML = [
+    REPO / "docker" / "prometheus" / "prometheus.yml",
+    REPO / "docker" / "grafana" / "provisioning" / "datasources" / "genq.yml",
+    REPO / "docker" / "grafana" / "provisioning" / "dashboards" / "genq.yml",
+]
+
+
+def exported_names() -> set[str]:
+    """Every series genq exposes: the worker's metrics (as registered in code) and the exporter's."""
+    from worker.queue import exporter, metrics
+
+    return metrics.sample_names() | exporter.sample_names()
+
+
+def bind_mounts(svc: Mapping[str, Any]) -> dict[str, Path]:
+    """target → file or folder in the repository, for the service's ``./`` bind mounts."""
+    out: dict[str, Path] = {}
+    for vol in svc.get("volumes") or []:
+        if isinstance(vol, str) and vol.startswith("./"):
+            source, target = vol.split(":")[:2]
+            out[target] = REPO / source
+    return out
+
+
+def mounted(svc: Mapping[str, Any], path: str) -> Path:
+    """The repository file behind ``path`` inside the container (a mount of it or of a folder above)."""
+    for target, source in sorted(bind_mounts(svc).items(), key=lambda kv: -len(kv[0])):
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            found = source / path[len(target) :].lstrip("/")
+            assert found.exists(), f"{path} is mounted from {found.relative_to(REPO)}, which does not exist"
+            return found
+    raise AssertionError(f"{path} is not mounted from the repository: {svc.get('volumes')}")
+
+
+def metrics_ports(compose: Compose) -> dict[str, int]:
+    """service → the port its metrics are served on: workers' --metrics-port, the exporter's --port."""
+    from producer.cli import cli as genq_cli
+
+    ports: dict[str, int] = {}
+    for name in worker_services(compose):
+        cmd_name, params = parse_worker_args(argv(service(compose, name)))
+        if cmd_name == "start" and params.get("metrics_port"):
+            ports[name] = int(params["metrics_port"])
+    for name, svc in (compose.get("services") or {}).items():
+        args = argv(svc)
+        if args[:2] == ["genq", "metrics"]:
+            sub = genq_cli.commands["metrics"].make_context("metrics", args[2:])
+            ports[name] = int(sub.params["port"])
+    return ports
+
+
+def check_prometheus(compose: Compose) -> None:
+    """Prometheus reads the repository's config, and it scrapes every worker and the exporter on
+    the port each serves metrics on."""
+    prom = service(compose, "prometheus")
+    assert "monitoring" in (prom.get("profiles") or []), "prometheus must be under profiles: [monitoring]"
+    flag = next((a for a in argv(prom) if a.startswith("--config.file=")), None)
+    assert flag, "prometheus must be started with --config.file="
+    config = yaml.safe_load(mounted(prom, flag.split("=", 1)[1]).read_text(encoding="utf-8"))
+    ports = metrics_ports(compose)
+    starts = [n for n in worker_services(compose) if worker_command(compose, n) == "start"]
+    assert set(starts) <= set(ports), f"workers without --metrics-port: {sorted(set(starts) - set(ports))}"
+    scraped: set[str] = set()
+    for job in config.get("scrape_configs") or []:
+        for sd in job.get("dns_sd_configs") or []:
+            for name in sd.get("names") or []:
+                assert name in ports, f"prometheus scrapes {name!r}, which serves no metrics"
+                assert int(sd["port"]) == ports[name], f"prometheus scrapes {name} on {sd['port']}"
+                scraped.add(name)
+        for static in job.get("static_configs") or []:
+            for target in static.get("targets") or []:
+                host, _, port = str(target).partition(":")
+                assert host in ports and int(port) == ports[host], f"prometheus target {target!r}"
+                scraped.add(host)
+    assert scraped == set(ports), f"not scraped: {sorted(set(ports) - scraped)}"
+
+
+def worker_command(compose: Compose, name: str) -> str | None:
+    return parse_worker_args(argv(service(compose, name)))[0]
+
+
+def check_dashboard(dashboard: dict[str, Any], datasource_uids: set[str]) -> None:
+    """Every panel queries a provisioned datasource and names only metrics genq exports."""
+    known = exported_names()
+    panels = dashboard.get("panels") or []
+    assert dashboard.get("uid") and dashboard.get("title") and panels, "dashboard needs uid, title, panels"
+    ids = [p.get("id") for p in panels]
+    assert len(set(ids)) == len(ids), f"panel ids repeat: {ids}"
+    for panel in panels:
+        title = panel.get("title")
+        assert title and panel.get("gridPos"), f"panel {panel.get('id')} needs a title and a gridPos"
+        targets = panel.get("targets") or []
+        assert targets, f"panel {title!r} has no query"
+        for target in targets:
+            uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
+            assert uid in datasource_uids, f"panel {title!r} uses datasource {uid!r}, not provisioned"
+            names = set(PROMQL_NAME.findall(str(target.get("expr", ""))))
+            assert names, f"panel {title!r}: {target.get('expr')!r} names no genq metric"
+            unknown = sorted(names - known)
+            assert not unknown, f"panel {title!r} queries metrics genq does not export: {unknown}"
+
+
+def check_grafana(compose: Compose) -> None:
+    """Grafana's provisioning comes from the repository: a datasource pointing at the prometheus
+    service, a provider whose folder holds the dashboards, and each dashboard passes
+    :func:`check_dashboard`."""
+    graf = service(compose, "grafana")
+    assert "monitoring" in (graf.get("profiles") or []), "grafana must be under profiles: [monitoring]"
+    sources = yaml.safe_load(
+        mounted(graf, "/etc/grafana/provisioning/datasources/genq.yml").read_text(encoding="utf-8")
+    )
+    uids = set()
+    for ds in sources.get("datasources") or []:
+        assert urlsplit(ds["url"]).hostname in (compose.get("services") or {}), f"datasource url {ds['url']}"
+        uids.add(ds["uid"])
+    providers = yaml.safe_load(
+        mounted(graf, "/etc/grafana/provisioning/dashboards/genq.yml").read_text(encoding="utf-8")
+    )
+    dashboards = []
+    for provider in providers.get("providers") or []:
+        folder = mounted(graf, provider["options"]["path"])
+        dashboards += sorted(folder.glob("*.json"))
+    assert dashboards, "the dashboard provider's folder holds no dashboard JSON"
+    for path in dashboards:
+        check_dashboard(json.loads(path.read_text(encoding="utf-8")), uids)
+
+
 ALL_CHECKS: list[Callable[[Compose], None]] = [
     check_services_exist,
     check_redis,
@@ -430,6 +560,8 @@ ALL_CHECKS: list[Callable[[Compose], None]] = [
     check_flower,
     check_settings,
     check_dockerfiles,
+    check_prometheus,
+    check_grafana,
 ]
 
 
@@ -677,6 +809,21 @@ BROKEN: dict[str, tuple[Callable[[Compose], None], Callable[[Compose], None]]] =
     "unknown-setting": (_env("worker-cpu", "GENQ_BATCH_SIZE", "8"), check_settings),
     "bad-setting-value": (_env("worker-gpu", "GENQ_VISIBILITY_TIMEOUT", "soon"), check_settings),
     "bad-log-format": (_env("worker-cpu", "GENQ_LOG_FORMAT", "xml"), check_settings),
+    # monitoring
+    "worker-without-metrics": (
+        _set_command("worker-cpu", "start --profile tiny-random --mode fp32"),
+        check_prometheus,
+    ),
+    "metrics-on-another-port": (
+        _set_command("worker-gpu", "start --profile tiny-random --mode nf4 --metrics-port 9401"),
+        check_prometheus,
+    ),
+    "exporter-on-another-port": (_set("services.metrics.command", "metrics --port 9999"), check_prometheus),
+    "prometheus-config-not-mounted": (_delete("services.prometheus.volumes"), check_prometheus),
+    "grafana-without-dashboards": (
+        _set("services.grafana.volumes", ["./docker/grafana/provisioning:/etc/grafana/provisioning:ro"]),
+        check_grafana,
+    ),
     # Dockerfile
     "missing-dockerfile": (_set(f"{GPU}.build.dockerfile", "docker/nope.Dockerfile"), check_dockerfiles),
 }
@@ -724,3 +871,26 @@ def test_interpolation(text: str, env: dict[str, str], expected: str) -> None:
 def test_interpolation_required_variable() -> None:
     with pytest.raises(AssertionError, match="required"):
         interpolate("${HF_TOKEN:?set HF_TOKEN}", {})
+
+
+def test_monitoring_files_are_commented_yaml() -> None:
+    for path in MONITORING_YAML:
+        text = path.read_text(encoding="utf-8")
+        assert isinstance(yaml.safe_load(text), dict), path
+        assert any(line.lstrip().startswith("#") for line in text.splitlines()), (
+            f"{path.name} has no comments"
+        )
+
+
+def test_the_dashboard_is_valid_json_naming_only_genq_metrics() -> None:
+    dashboard = json.loads((REPO / "docker" / "grafana" / "dashboards" / "genq.json").read_text())
+    check_dashboard(dashboard, {"genq-prometheus"})
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for needed in ("tokens/s per worker", "queue depth", "eta per job", "items by status", "oom", "chunk"):
+        assert needed in titles, needed
+    broken = copy.deepcopy(dashboard)
+    broken["panels"][0]["targets"][0]["expr"] = "rate(genq_tokens_generated_total[1m])"  # no such metric
+    with pytest.raises(AssertionError, match="does not export"):
+        check_dashboard(broken, {"genq-prometheus"})
+    with pytest.raises(AssertionError, match="not provisioned"):
+        check_dashboard(dashboard, {"another-uid"})

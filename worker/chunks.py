@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from worker.core.errors import GenqError, ShutdownRequested, StoreUnavailable
 from worker.core.logs import bind, get_logger, unbind
+from worker.core.observe import observer
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
 from worker.core.states import ChunkOutcome, ErrorCode, JobStatus
 
@@ -209,6 +210,8 @@ def process_chunk(
     if not pending:
         return Outcome(ChunkOutcome.SKIPPED)
     attempts = store.start_attempt(job_id, cid, worker)
+    if attempts:
+        observer().delivery(job_id, attempts)
     run = _Run(store, control, ref, spec, worker, log, attempt=attempts)
     try:
         if attempts == 0:  # the job was deleted under us
@@ -312,6 +315,7 @@ def _generate(
     outcome = Outcome(
         ChunkOutcome.DONE, written=run.written, tokens=run.tokens, seconds=time.perf_counter() - started
     )
+    observer().chunk_done(outcome.outcome, outcome.seconds)
     run.log.info(
         "chunk_done",
         items=len(pending),

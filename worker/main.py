@@ -144,12 +144,26 @@ def prefetch(profile: str, dry_run: bool) -> None:
 )
 @click.option("--name", default=None, help="Worker name (default: host-pid).")
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (needs --concurrency 1). "
+    "Default: GENQ_METRICS_PORT, else none.",
+)
+@click.option(
     "--loglevel",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default=None,
     help="Default: GENQ_LOG_LEVEL, else INFO.",
 )
-def start(profile: str, mode: str | None, concurrency: int, name: str | None, loglevel: str | None) -> None:
+def start(
+    profile: str,
+    mode: str | None,
+    concurrency: int,
+    name: str | None,
+    metrics_port: int | None,
+    loglevel: str | None,
+) -> None:
     """Detect, load the model once, consume this mode's queue and the profile's 'any' queue."""
     os.environ["GENQ_PROFILE"] = profile
     if loglevel:
@@ -163,6 +177,12 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
     loglevel = settings.log_level
     if not settings.broker:
         raise click.UsageError("GENQ_BROKER_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    metrics_port = metrics_port or settings.metrics_port
+    if metrics_port and concurrency > 1:
+        raise click.UsageError(
+            "--metrics-port (or GENQ_METRICS_PORT) needs --concurrency 1: run one worker process "
+            "per metrics port (e.g. `docker compose up --scale worker-cpu=N`) instead of a prefork pool"
+        )
 
     from worker.core.logs import configure, get_logger, route_stdlib_logging
 
@@ -178,7 +198,13 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
 
             runtime = Runtime(settings, name=node)
             set_runtime(runtime)
+            if metrics_port:
+                _serve_metrics(metrics_port, runtime, log)
             runtime.load(profile, mode)
+            if metrics_port:
+                from worker.queue.metrics import loaded
+
+                loaded(runtime)
             chosen: str | None = runtime.mode
             pool = "solo"
         else:
@@ -232,6 +258,18 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
         "--task-events",
     ]
     get_app().worker_main(argv)
+
+
+def _serve_metrics(port: int, runtime: Any, log: Any) -> None:
+    from worker.queue.metrics import serve
+
+    try:
+        serve(port, runtime)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        click.echo(f"genq-worker: error: cannot serve metrics on port {port}: {reason}", err=True)
+        sys.exit(2)
+    log.info("metrics_serving", port=port, path="/metrics")
 
 
 def _wait_for_redis(url: str, log: Any) -> None:

@@ -59,6 +59,8 @@ class Runtime:
         self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
         self._hardware: str | None = None
+        self.load_seconds: float | None = None
+        """How long loading the model took (the ``genq_model_load_seconds`` gauge)."""
         self.log = get_logger(worker=self.name)
 
     @property
@@ -90,9 +92,11 @@ class Runtime:
         if not name:
             raise ConfigError("no profile: pass --profile or set GENQ_PROFILE")
         self.profile = load_profile(name, self.settings)
+        started = time.perf_counter()
         self.loaded = load_model(self.profile, (mode or self.settings.mode), settings=self.settings)
         self.mode = self.loaded.mode
         self.engine = build_engine(self.loaded, settings=self.settings, worker=self.name)
+        self.load_seconds = time.perf_counter() - started
         return self.engine
 
     def serves(self, profile: str) -> bool:

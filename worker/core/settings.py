@@ -91,6 +91,10 @@ class Settings(BaseModel):
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker process.  Default: CPU cores ÷ processes."""
 
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """``genq-worker start`` serves Prometheus metrics on ``http://0.0.0.0:PORT/metrics``
+    (``--metrics-port`` overrides it).  Unset: no metrics server.  Needs ``--concurrency 1``."""
+
     # --- test-only fault injection -----------------------------------------------------------
     # These exist so the fault tests can exercise real worker processes.  They are read from the
     # worker's own environment only: no job message, profile or producer can switch them on.

@@ -7,6 +7,7 @@ out-of-memory error interrupted with fewer rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from worker.core.errors import GenqError, OutOfMemory, ShutdownRequested
 from worker.core.logs import get_logger
+from worker.core.observe import observer
 from worker.core.schema import GenParams, Item, ItemResult
 from worker.core.settings import Settings, get_settings
 from worker.engine.autotune import AUTOTUNE_CANDIDATES, AUTOTUNE_CONTEXT, DEFAULT_BATCH_SIZE, Autotuner
@@ -196,14 +198,17 @@ class Engine:
                 waiting = len(batch) + sum(map(len, pending))
                 raise ShutdownRequested(f"stopping with {waiting} items not started")
             rows = self.rows_for(batch)
+            t0 = time.perf_counter()
             try:
                 self.run_batch(batch, rows, attempts, emit, should_stop)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
+                observer().oom_backoff(rows)
                 left = [p for p in batch if p.item.index not in out]
                 pending[:0] = self._back_off(exc, left, rows, attempts, emit)
                 continue
+            observer().micro_batch(rows, len(batch), time.perf_counter() - t0)
             probe = self.memory.succeeded(rows, self.max_batch_size)
             if probe is not None:
                 self.log.info("oom_probe", rows=rows, new_limit=probe or None, wait=self.memory.wait)

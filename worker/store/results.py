@@ -9,6 +9,7 @@ from typing import Any
 
 from worker.core.counting import count_field, retryable
 from worker.core.errors import JobNotFound
+from worker.core.observe import observer
 from worker.core.schema import Item, ItemResult
 from worker.store.base import StoreBase
 from worker.store.connection import guarded_iter
@@ -64,9 +65,9 @@ class ResultStore(StoreBase):
         written = self._script("record", keys, argv)
         if written == -1:
             raise JobNotFound(f"job {job_id} disappeared while its results were being written")
-        if isinstance(written, int):  # -2: the job was cancelled or has expired
-            return []
-        return [int(i) for i in written]
+        new = [] if isinstance(written, int) else [int(i) for i in written]  # int: -2, the job ended
+        observer().recorded(job_id, results, new)  # metrics count first writes only
+        return new
 
     def results(self, job_id: str, total: int) -> Iterator[tuple[int, ItemResult | None]]:
         """``(index, result or None)`` for every item, in input order, a page at a time."""
