@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.core.errors import ConfigError, ProfileNotFound
 from worker.core.schema import GenParams
@@ -153,24 +161,35 @@ class Profile(_Section):
         if self.adapters is not None:
             if self.adapter is not None:
                 raise ValueError("set either 'adapter' (one adapter) or 'adapters' (several), not both")
-            if not self.adapters:
-                raise ValueError("'adapters' lists no adapter")
             for name, source in self.adapters.items():
-                if not ADAPTER_NAME.match(name):
-                    raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-'")
                 if source.tiny is not None and not self.tiny:
                     raise ValueError(f"adapter {name!r}: 'tiny' adapters need 'tiny: true'")
-            if self.default_adapter is not None and self.default_adapter not in self.adapters:
-                raise ValueError(
-                    f"default_adapter {self.default_adapter!r} is not one of the adapters "
-                    f"({', '.join(self.adapters)})"
-                )
         elif self.default_adapter is not None:
             raise ValueError("'default_adapter' needs 'adapters'")
         mnt = self.generation.max_new_tokens
         if mnt is not None and mnt > self.limits.max_new_tokens:
             raise ValueError("generation.max_new_tokens is above limits.max_new_tokens")
         return self
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, AdapterSource] | None) -> dict[str, AdapterSource] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("lists no adapter")
+        for name in value:
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("default_adapter")
+    @classmethod
+    def _default_listed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        adapters = info.data.get("adapters")
+        if value is not None and adapters and value not in adapters:
+            raise ValueError(f"{value!r} is not one of the adapters ({', '.join(adapters)})")
+        return value
 
     @property
     def named_adapters(self) -> dict[str, AdapterSource]:
