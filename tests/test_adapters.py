@@ -84,6 +84,7 @@ def test_mixed_micro_batch_equals_single_adapter_workers(
     assert loads["a", mode].adapter == ("merged" if mode == "fp32" else "unmerged")
     mixed = ["a", "b"] * (len(PROMPTS) // 2)
     engine = Engine(multi)
+    engine.group_adapters = False  # one micro-batch, both adapters in every pass
     results = engine.generate(items(mixed))  # type: ignore[arg-type]
     assert engine.forward.router is not None and engine.forward.router.passes > 0
     alone = {name: texts(loads[name, mode], items([None] * len(PROMPTS))) for name in ("a", "b")}
@@ -94,8 +95,8 @@ def test_mixed_micro_batch_equals_single_adapter_workers(
     assert results[1].model == "tiny-random:tiny-random-lora-b"
     differ = sum(ta != tb for ta, tb in zip(alone["a"], alone["b"], strict=True))
     assert differ == len(PROMPTS), "the two tiny adapters must give different greedy texts"
-    if mode == "fp32":  # grouping rows by adapter gives the same texts; no name: the default (a)
-        assert texts(multi, items(mixed), group_adapters=True) == [r.text for r in results]  # type: ignore[arg-type]
+    if mode == "fp32":  # micro-batches by adapter (the default) give the same; no name: a's
+        assert texts(multi, items(mixed)) == [r.text for r in results]  # type: ignore[arg-type]
         assert texts(multi, items([None] * len(PROMPTS))) == alone["a"]
 
 
@@ -114,10 +115,11 @@ def test_prefix_cache_keeps_adapters_apart(loads: dict[tuple[str, str], Any]) ->
     batch = items(["a", "b", "b", "a"], prompts)  # type: ignore[arg-type]
     multi = loads["multi", "fp32"]
     engine = Engine(multi)
+    engine.group_adapters = False
     reused = [r.text for r in engine.generate(batch)]
     assert len(engine.prefixes) == 2, "one prefix per adapter"
     assert {e.adapter for e in engine.prefixes.entries()} == {"a", "b"}
-    assert reused == texts(multi, batch, reuse_prefixes=False)
+    assert reused == texts(multi, batch, reuse_prefixes=False, group_adapters=False)
 
 
 def test_unknown_adapters_are_refused(tmp_path: Path, loads: dict[tuple[str, str], Any]) -> None:

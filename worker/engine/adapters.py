@@ -10,8 +10,10 @@ layers; the engine calls the model below ``PeftModel.forward`` (with its own cac
 pass, which adapter each row uses.  The same works for prefill passes (rows × tokens) and decode
 steps (rows × 1): the LoRA layers only index the first dimension.
 
-Outside :meth:`AdapterRouter.rows` (autotune, a model with one adapter) the layers run as peft
-runs them: the active adapter — the profile's default — for every row.
+A pass whose rows all use one adapter skips the per-row path: that adapter is made the layers'
+active one for the pass (peft's plain unmerged forward, no gathering of rows).  Outside
+:meth:`AdapterRouter.rows` (autotune, a model with one adapter) the layers run as peft runs them:
+the active adapter — the profile's default — for every row.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class AdapterRouter:
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
         self.names = tuple(names)
+        self.default = self.names[0]
         self.current: list[str] | None = None
+        self.active = self.default
+        """The adapter the layers apply to every row when no per-row names are passed."""
         self.layers = lora_layers(model)
         self.passes = 0
         """Forward passes that ran with per-row adapters (for tests and logs)."""
@@ -59,12 +64,29 @@ class AdapterRouter:
         unknown = {a for a in adapters if a not in self.names}
         if unknown:
             raise ValueError(f"adapters {sorted(map(str, unknown))} are not loaded ({', '.join(self.names)})")
-        self.current = [str(a) for a in adapters]
+        names = [str(a) for a in adapters]
         self.passes += 1
+        if len(set(names)) == 1:  # one adapter for the whole pass: peft's plain path, no gathering
+            self._activate(names[0])
+            try:
+                yield
+            finally:
+                self._activate(self.default)
+            return
+        self.current = names
         try:
             yield
         finally:
             self.current = None
+
+    def _activate(self, name: str) -> None:
+        """Make ``name`` the adapter every LoRA layer applies (what ``set_adapter`` does to the
+        layers, without touching ``requires_grad``, which inference does not need)."""
+        if name == self.active:
+            return
+        for layer in self.layers:
+            setattr(layer, "_active_adapter", name)  # noqa: B010 - peft keeps it untyped
+        self.active = name
 
     def remove(self) -> None:
         for handle in self._handles:
