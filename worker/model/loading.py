@@ -5,8 +5,9 @@
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantisation, ``device_map="auto"`` on a GPU with a
   ``max_memory`` that leaves KV-cache headroom, fp32 CPU offload and an offload folder; the adapter
   is attached unmerged with ``PeftModel.from_pretrained``.  On a CPU, bitsandbytes' CPU backend.
-* ``fp32``: ``dtype=torch.float32`` on the CPU, the adapter loaded and merged
-  (``merge_and_unload``), so generation costs what the base model costs.
+* ``fp32``: ``dtype=torch.float32`` on the CPU, a lone adapter loaded and merged
+  (``merge_and_unload``), so generation costs what the base model costs; a profile's several
+  adapters all stay unmerged (:mod:`worker.model.adapters`).
 
 Hub access goes through :func:`resolve_sources`, which only ever fetches the files a profile needs
 (safetensors weights, configs, tokenizer) and turns hub errors into messages that name the
