@@ -46,6 +46,7 @@ def cli() -> None:
 @click.option("--chunk-size", type=int, default=16, show_default=True, help="Items per task message.")
 @click.option("--expires-in", type=float, default=None, help="Seconds; items not done by then are expired.")
 @click.option("--skip-invalid", is_flag=True, help="Record bad lines as errored items instead of refusing.")
+@click.option("--adapter", default=None, help="One of the profile's adapters, for items that name none.")
 @param_options
 @handle_errors
 def submit(
@@ -57,6 +58,7 @@ def submit(
     chunk_size: int,
     expires_in: float | None,
     skip_invalid: bool,
+    adapter: str | None,
     **kw: Any,
 ) -> None:
     """Validate FILE, store it as a job and enqueue its chunks.  Prints the job id last.  The same
@@ -74,6 +76,7 @@ def submit(
         system_prompt=system_prompt,
         expires_in=expires_in,
         skip_invalid=skip_invalid,
+        adapter=adapter,
         on_job_id=announce,
         on_wait=waiting,
     )
@@ -183,6 +186,7 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, error
 @click.option("--chunk-size", type=int, default=16, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["native", "openai"]), default="native", show_default=True)
 @click.option("--skip-invalid", is_flag=True)
+@click.option("--adapter", default=None, help="One of the profile's adapters, for items that name none.")
 @param_options
 @handle_errors
 def run(
@@ -194,6 +198,7 @@ def run(
     chunk_size: int,
     fmt: str,
     skip_invalid: bool,
+    adapter: str | None,
     **kw: Any,
 ) -> None:
     """Submit FILE, follow it with a progress bar and write OUTPUT.  Without GENQ_BROKER_URL it runs
@@ -205,9 +210,18 @@ def run(
     system_prompt = kw.pop("system_prompt")
     params = job_params(kw)
     if not get_settings().broker:
-        _run_embedded(
-            file, output, profile, mode or "auto", chunk_size, fmt, skip_invalid, params, system_prompt
+        embedded = (
+            file,
+            output,
+            profile,
+            mode or "auto",
+            chunk_size,
+            fmt,
+            skip_invalid,
+            params,
+            system_prompt,
         )
+        _run_embedded(*embedded, adapter=adapter)
         return
     c = client()
     job = c.submit(
@@ -219,6 +233,7 @@ def run(
         params=params,
         system_prompt=system_prompt,
         skip_invalid=skip_invalid,
+        adapter=adapter,
         on_job_id=announce,
         on_wait=waiting,
     )
@@ -239,6 +254,7 @@ def _run_embedded(
     skip_invalid: bool,
     params: GenParams,
     system_prompt: str | None,
+    adapter: str | None = None,
 ) -> None:
     from producer.inputs import read_items
     from producer.options import SubmitOptions, derived_job_id, input_limits
@@ -258,12 +274,13 @@ def _run_embedded(
         params=params,
         system_prompt=system_prompt,
         skip_invalid=skip_invalid,
+        adapter=adapter,
     )
     options.check()
     read = read_items(
         file,
         skip_invalid=skip_invalid,
-        limits=input_limits(options.profile),
+        limits=input_limits(options.profile, adapter),
     )
     spec = JobSpec(
         job_id=derived_job_id(file, options),

@@ -203,6 +203,7 @@ class Client:
         system_prompt: str | None = None,
         expires_in: float | None = None,
         skip_invalid: bool = False,
+        adapter: str | None = None,
         new: bool = False,
         on_job_id: Callable[[str], None] | None = None,
         on_wait: Callable[[], None] | None = None,
@@ -211,7 +212,8 @@ class Client:
         Nothing is enqueued when the input has an error (unless ``skip_invalid``).  Without
         ``job_id`` a file gets an id derived from its content, profile and parameters (the same
         command resumes the same job; ``new`` makes a fresh one); records get a fresh id.
-        ``on_job_id`` hears the id before anything is written."""
+        ``on_job_id`` hears the id before anything is written.  ``adapter``: one of the
+        profile's adapters, by name, for items that name none."""
         if mode not in tuple(QueueMode):
             raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
         options = SubmitOptions(
@@ -222,6 +224,7 @@ class Client:
             system_prompt=system_prompt,
             expires_in=expires_in,
             skip_invalid=skip_invalid,
+            adapter=adapter,
         )
         options.check()
         if job_id is None:

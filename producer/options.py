@@ -26,6 +26,9 @@ class SubmitOptions:
     system_prompt: str | None = None
     expires_in: float | None = None
     skip_invalid: bool = False
+    adapter: str | None = None
+    """The job's adapter, by a name the profile lists (``--adapter``): items that name none run
+    with it.  None: the profile's default."""
 
     def check(self) -> None:
         if self.chunk_size < 1:
@@ -35,6 +38,11 @@ class SubmitOptions:
                 f"--expires-in must be a positive number of seconds, got {self.expires_in}",
                 field="expires_in",
             )
+        if self.adapter is not None:
+            try:
+                self.profile.check_adapter(self.adapter)
+            except ValueError as exc:
+                raise InputError(f"--adapter: {exc}", field="adapter") from None
         limit = self.profile.limits.max_new_tokens
         mnt = self.params.max_new_tokens
         if mnt is not None and mnt > limit:
@@ -53,6 +61,7 @@ class SubmitOptions:
                 self.system_prompt or "",
                 str(self.skip_invalid),
             ]
+            + ([f"adapter={self.adapter}"] if self.adapter is not None else [])
         )
 
 
@@ -84,6 +93,11 @@ def derived_job_id(path: str | os.PathLike[str], options: SubmitOptions) -> str:
     return f"{stem}-{digest}"
 
 
-def input_limits(profile: Profile) -> InputLimits:
-    """What the reader enforces for this profile."""
-    return InputLimits(max_new_tokens=profile.limits.max_new_tokens, max_n=profile.limits.max_n)
+def input_limits(profile: Profile, adapter: str | None = None) -> InputLimits:
+    """What the reader enforces for this profile (and a job naming ``adapter``)."""
+    return InputLimits(
+        max_new_tokens=profile.limits.max_new_tokens,
+        max_n=profile.limits.max_n,
+        adapters=tuple(profile.named_adapters),
+        adapter=adapter,
+    )

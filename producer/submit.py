@@ -51,7 +51,7 @@ class SubmitReport:
 
 
 def _stream(source: Source, options: SubmitOptions) -> ItemStream:
-    limits = input_limits(options.profile)
+    limits = input_limits(options.profile, options.adapter)
     if isinstance(source, str | os.PathLike):
         return stream_items(source, skip_invalid=options.skip_invalid, limits=limits)
     return stream_records(source, skip_invalid=options.skip_invalid, limits=limits)

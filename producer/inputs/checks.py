@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.inputs.requests import check_request, split_response_format
-from producer.inputs.words import Problem, describe, safe, translate
+from producer.inputs.words import Problem, describe, safe, show, translate
 from worker.core.schema import MAX_ID_LENGTH, GenParams, Message
 
 KNOWN_TYPOS: Mapping[str, str] = {
@@ -35,6 +35,13 @@ class InputLimits:
     max_n: int | None = None
     """The profile's limit on ``n`` (samples per item); ``None`` leaves it unchecked."""
 
+    adapters: tuple[str, ...] | None = None
+    """The adapters the profile lists, by name; an item may name only these.  ``None`` leaves
+    ``adapter`` unchecked."""
+
+    adapter: str | None = None
+    """The job's adapter (``--adapter``): items that name none get it."""
+
 
 @dataclass(frozen=True)
 class Fields:
@@ -44,6 +51,7 @@ class Fields:
     prompt: str | None
     messages: list[Message] | None
     params: GenParams
+    adapter: str | None = None
 
 
 def check_keys(record: Mapping[Any, Any], allowed: frozenset[str], *, prefix: str) -> None:
@@ -60,6 +68,19 @@ def check_keys(record: Mapping[Any, Any], allowed: frozenset[str], *, prefix: st
             raise Problem(
                 f"unknown field{suggestion} (allowed: {', '.join(sorted(allowed))})", f"{prefix}{name}"
             )
+
+
+def check_adapter(value: object, limits: InputLimits, field_name: str) -> str | None:
+    """An item's ``adapter``: a name the profile lists (the job's ``--adapter`` when unset)."""
+    if value is None:
+        return limits.adapter
+    if not isinstance(value, str):
+        raise Problem(f"must be the name of one of the profile's adapters, not {describe(value)}", field_name)
+    known = limits.adapters
+    if known is not None and value not in known:
+        listed = ", ".join(show(a) for a in known) if known else "none (it has no adapter)"
+        raise Problem(f"unknown adapter {show(safe(value))}: the profile lists {listed}", field_name)
+    return value
 
 
 def check_id(value: object, field_name: str) -> str:

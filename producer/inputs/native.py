@@ -8,6 +8,7 @@ from typing import Any
 from producer.inputs.checks import (
     Fields,
     InputLimits,
+    check_adapter,
     check_id,
     check_keys,
     check_messages,
@@ -17,7 +18,7 @@ from producer.inputs.checks import (
 from producer.inputs.words import Problem
 from worker.core.schema import PARAM_FIELDS, Message
 
-NATIVE_KEYS: frozenset[str] = frozenset({"id", "prompt", "messages", "metadata", *PARAM_FIELDS})
+NATIVE_KEYS: frozenset[str] = frozenset({"id", "prompt", "messages", "metadata", "adapter", *PARAM_FIELDS})
 
 
 def native_fields(record: Mapping[Any, Any], limits: InputLimits) -> Fields:
@@ -26,7 +27,8 @@ def native_fields(record: Mapping[Any, Any], limits: InputLimits) -> Fields:
     item_id = None if raw_id is None else check_id(raw_id, "id")
     prompt, messages = _prompt_or_messages(record)
     params = check_params({k: record[k] for k in PARAM_FIELDS if k in record}, limits, lambda k: k)
-    return Fields(item_id, prompt, messages, params)
+    adapter = check_adapter(record.get("adapter"), limits, "adapter")
+    return Fields(item_id, prompt, messages, params, adapter)
 
 
 def _prompt_or_messages(record: Mapping[Any, Any]) -> tuple[str | None, list[Message] | None]:

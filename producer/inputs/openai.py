@@ -89,7 +89,8 @@ def openai_fields(record: Mapping[Any, Any], limits: InputLimits) -> Fields:
         got = "it is missing" if body is None else f"got {describe(body)}"
         raise Problem(f"must be an object with the request; {got}", "body")
     prompt, messages = _openai_input(body, url)
-    return Fields(item_id, prompt, messages, _openai_params(body, limits, url))
+    # OpenAI lines carry no adapter of their own: they take the job's (--adapter)
+    return Fields(item_id, prompt, messages, _openai_params(body, limits, url), limits.adapter)
 
 
 def _openai_input(body: Mapping[Any, Any], url: str) -> tuple[str | None, list[Message] | None]:

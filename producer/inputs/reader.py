@@ -187,6 +187,7 @@ class _Collector:
                 prompt=fields.prompt,
                 messages=fields.messages,
                 params=fields.params,
+                adapter=fields.adapter,
             )
         except ValidationError as exc:  # pragma: no cover - everything was checked above
             raise translate(exc) from None

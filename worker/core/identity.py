@@ -31,6 +31,9 @@ def job_context(profile: Profile, params: GenParams, system_prompt: str | None) 
         "tiny": profile.tiny,
         "generation": profile.generation.model_dump(mode="json"),
     }
+    if profile.adapters is not None:  # several adapters: each one, and which answers by default
+        model["adapters"] = {k: v.model_dump(mode="json") for k, v in profile.adapters.items()}
+        model["default_adapter"] = profile.default_adapter_name
     blob = {"model": model, "params": params.model_dump(mode="json"), "system_prompt": system_prompt}
     return json.dumps(blob, sort_keys=True, separators=(",", ":"))
 

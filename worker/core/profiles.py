@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.core.errors import ConfigError, ProfileNotFound
 from worker.core.schema import GenParams
@@ -62,6 +70,44 @@ class NF4Config(_Section):
     """Overrides the worker's ``GENQ_OFFLOAD_FOLDER`` for this profile."""
 
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SINGLE_ADAPTER = "default"
+"""The name of the one adapter of a profile that sets ``adapter`` (not ``adapters``)."""
+
+
+class AdapterSource(_Section):
+    """One LoRA adapter of a profile's ``adapters``: a hub repository, a local folder, or (tiny
+    profiles only) a tiny random LoRA built with a seed."""
+
+    repo: str | None = None
+    """A hub repository id."""
+
+    path: str | None = None
+    """A local folder (``adapter_config.json`` and safetensors weights)."""
+
+    revision: str | None = None
+    """Branch, tag or (best) commit sha of ``repo``."""
+
+    tiny: Annotated[int, Field(ge=0)] | None = None
+    """A tiny random LoRA built by ``worker/model/tiny.py`` with this seed (``tiny: true``
+    profiles only; for tests and the offline demo)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSource:
+        given = [k for k in ("repo", "path", "tiny") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise ValueError(f"an adapter needs exactly one of 'repo', 'path' and 'tiny', got {got}")
+        if self.revision is not None and self.repo is None:
+            raise ValueError("'revision' goes with 'repo'")
+        return self
+
+    @property
+    def ref(self) -> str | None:
+        """The repository or folder (None for a tiny adapter)."""
+        return self.repo if self.repo is not None else self.path
+
+
 class Profile(_Section):
     name: str
     description: str = ""
@@ -77,6 +123,14 @@ class Profile(_Section):
     """LoRA adapter: a hub repository id or a local folder.  None: the base model alone."""
 
     adapter_revision: str | None = None
+
+    adapters: dict[str, AdapterSource] | None = None
+    """Several LoRA adapters on the one base, by name (``{a: {repo: ..., revision: ...}, b:
+    {path: ...}}``).  A job (``--adapter``) or an item (``adapter``) picks one of them; a worker
+    loads the base once and all of them.  Not together with ``adapter``."""
+
+    default_adapter: str | None = None
+    """The adapter of items and jobs that name none (default: the first of ``adapters``)."""
 
     tiny: bool = False
     """Build the tiny random model with ``worker/model/tiny.py`` (offline, seconds) and use it for
@@ -104,10 +158,72 @@ class Profile(_Section):
             raise ValueError(f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
         if not self.tiny and not (self.base or self.adapter):
             raise ValueError("a profile needs 'base', 'adapter' or 'tiny: true'")
+        if self.adapters is not None:
+            if self.adapter is not None:
+                raise ValueError("set either 'adapter' (one adapter) or 'adapters' (several), not both")
+            for name, source in self.adapters.items():
+                if source.tiny is not None and not self.tiny:
+                    raise ValueError(f"adapter {name!r}: 'tiny' adapters need 'tiny: true'")
+        elif self.default_adapter is not None:
+            raise ValueError("'default_adapter' needs 'adapters'")
         mnt = self.generation.max_new_tokens
         if mnt is not None and mnt > self.limits.max_new_tokens:
             raise ValueError("generation.max_new_tokens is above limits.max_new_tokens")
         return self
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, AdapterSource] | None) -> dict[str, AdapterSource] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("lists no adapter")
+        for name in value:
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("default_adapter")
+    @classmethod
+    def _default_listed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        adapters = info.data.get("adapters")
+        if value is not None and adapters and value not in adapters:
+            raise ValueError(f"{value!r} is not one of the adapters ({', '.join(adapters)})")
+        return value
+
+    @property
+    def named_adapters(self) -> dict[str, AdapterSource]:
+        """Every adapter by name: ``adapters``, or the one ``adapter`` as ``default`` (a tiny
+        profile's built-in LoRA is ``default`` too); empty for a base model alone."""
+        if self.adapters is not None:
+            return dict(self.adapters)
+        if self.adapter is not None:
+            if Path(self.adapter).expanduser().is_dir():
+                return {SINGLE_ADAPTER: AdapterSource(path=self.adapter)}
+            return {SINGLE_ADAPTER: AdapterSource(repo=self.adapter, revision=self.adapter_revision)}
+        if self.tiny:  # the tiny model's own LoRA (the loader builds it with the base)
+            return {SINGLE_ADAPTER: AdapterSource(tiny=0)}
+        return {}
+
+    @property
+    def multi_adapter(self) -> bool:
+        """The profile lists named ``adapters``: results record which one answered."""
+        return self.adapters is not None
+
+    @property
+    def default_adapter_name(self) -> str | None:
+        names = list(self.named_adapters)
+        if not names:
+            return None
+        return self.default_adapter or names[0]
+
+    def check_adapter(self, name: str) -> str:
+        """``name`` if the profile lists it; else a ValueError that lists the ones it has."""
+        names = self.named_adapters
+        if name in names:
+            return name
+        known = ", ".join(names) or "none"
+        raise ValueError(f"unknown adapter {name!r}: profile {self.name} lists {known}")
 
     @property
     def default_params(self) -> GenParams:

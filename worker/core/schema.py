@@ -32,8 +32,10 @@ REQUEST_FIELDS = frozenset(
     {"response_format", "logprobs", "top_logprobs", "n", "presence_penalty", "frequency_penalty"}
 )
 """GenParams fields of issue 14, left out of the JSON when unset."""
-RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices"})
+RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices", "adapter"})
 """ItemResult fields of issue 14, left out of the JSON when unset."""
+ITEM_FIELDS = frozenset({"adapter"})
+"""Item fields of issue 15, left out of the JSON when unset (digests of older items unchanged)."""
 MAX_ID_LENGTH = 512
 
 
@@ -134,6 +136,15 @@ class Item(_Strict):
     params: GenParams = GenParams()
     invalid: ErrorInfo | None = None
     """Set for lines accepted with ``--skip-invalid``: recorded as errored, never generated."""
+    adapter: StrictStr | None = None
+    """The profile's adapter that answers this item, by name (the item's own ``adapter``, else the
+    job's ``--adapter``, resolved at submit); None: the profile's default adapter."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_adapter(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        return _omit_none(handler(self), ITEM_FIELDS)
 
     @model_validator(mode="after")
     def _one_input(self) -> Item:
@@ -173,6 +184,9 @@ class ItemResult(_Strict):
     """With a JSON ``response_format``: true when the text is complete JSON that satisfies the
     schema (the constraint guarantees it for ``finish_reason: stop``), false when ``max_tokens``
     or a stop string cut it short."""
+    adapter: str | None = None
+    """The profile's adapter that answered, by name (profiles with several ``adapters``, or an item
+    that named one)."""
     choices: list[Choice] | None = None
     """With ``n`` > 1: every sample; ``text``, ``finish_reason``, ``logprobs`` and ``json_valid``
     then describe sample 0 (for the Python API) and the native row carries only ``choices``."""

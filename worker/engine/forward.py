@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers.cache_utils import Cache
+
+from worker.engine.adapters import AdapterRouter
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -74,6 +78,8 @@ class Forward:
         self.attention = fast_attention(model)
         """``sdpa``/``eager`` when the slot cache and custom masks apply, else None (plain loop)."""
         self.dtype = compute_dtype(model)
+        self.router: AdapterRouter | None = None
+        """Per-row adapters when the model has several unmerged ones (set by the engine)."""
 
     def __call__(
         self,
@@ -83,21 +89,25 @@ class Forward:
         cache: Cache,
         *,
         last_only: bool = False,
+        adapters: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """The logits of each row's last position, [rows, vocab], as float, on the device of the
         output head.  ``mask`` is a 2-D padding mask, or a 4-D visibility (bool, True: attend)
-        such as :class:`SlotCache` passes return, turned here into what the attention takes."""
+        such as :class:`SlotCache` passes return, turned here into what the attention takes.
+        ``adapters``: each row's adapter (models with several; ignored otherwise)."""
         extra = {"logits_to_keep": 1} if last_only else {}
         if mask.dim() == 4 and mask.dtype == torch.bool:
             mask = self.attend(mask)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            **extra,
-            **{self.cache_kw: cache},
-        )
+        routed = self.router.rows(adapters) if self.router is not None else nullcontext()
+        with routed:
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                **extra,
+                **{self.cache_kw: cache},
+            )
         return out.logits[:, -1, :].float()
 
     def left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

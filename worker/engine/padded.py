@@ -20,7 +20,7 @@ def decode_padded(forward: Forward, rules: RowRules, rows: list[Row]) -> None:
     ids, mask, positions = forward.left_pad([r.prep.ids for r in rows])
     cache = DynamicCache()
     live = list(range(len(rows)))
-    logits = forward(ids, mask, positions, cache, last_only=True)
+    logits = forward(ids, mask, positions, cache, last_only=True, adapters=[r.prep.adapter for r in rows])
     last_pos = positions[:, -1:]
     device = forward.device
     while True:
@@ -40,4 +40,4 @@ def decode_padded(forward: Forward, rules: RowRules, rows: list[Row]) -> None:
             live = [live[p] for p in keep]
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
-        logits = forward(step, mask, last_pos, cache)
+        logits = forward(step, mask, last_pos, cache, adapters=[rows[i].prep.adapter for i in live])

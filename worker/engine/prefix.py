@@ -76,6 +76,13 @@ class PrefixKV:
     ids: tuple[int, ...]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    adapter: str | None = None
+    """The adapter whose weights computed them: the same ids give other keys and values through
+    another adapter (its LoRA changes the key and value projections and every layer's input)."""
+
+    @property
+    def key(self) -> PrefixKey:
+        return (self.adapter, self.ids)
 
     @property
     def length(self) -> int:
@@ -86,14 +93,19 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
+PrefixKey = tuple[str | None, tuple[int, ...]]
+"""(adapter, token ids)."""
+
+
 class PrefixCache:
-    """Prefix KV kept across micro-batches and chunks, keyed by token ids, least recently used
-    dropped first beyond ``max_bytes``.  The keys and values also depend on the weights: one cache
-    belongs to one engine (one model and adapter); clear it if those ever change."""
+    """Prefix KV kept across micro-batches and chunks, keyed by adapter and token ids, least
+    recently used dropped first beyond ``max_bytes``.  The keys and values also depend on the
+    weights: one cache belongs to one engine (one model and its adapters); clear it if those ever
+    change."""
 
     def __init__(self, max_bytes: int = PREFIX_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()
+        self._entries: OrderedDict[PrefixKey, PrefixKV] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -108,18 +120,18 @@ class PrefixCache:
         """The kept prefixes, least recently used first."""
         return list(self._entries.values())
 
-    def get(self, ids: tuple[int, ...]) -> PrefixKV | None:
-        entry = self._entries.get(ids)
+    def get(self, ids: tuple[int, ...], adapter: str | None = None) -> PrefixKV | None:
+        entry = self._entries.get((adapter, ids))
         if entry is None:
             self.misses += 1
             return None
-        self._entries.move_to_end(ids)
+        self._entries.move_to_end((adapter, ids))
         self.hits += 1
         return entry
 
     def put(self, entry: PrefixKV) -> None:
-        self._entries[entry.ids] = entry
-        self._entries.move_to_end(entry.ids)
+        self._entries[entry.key] = entry
+        self._entries.move_to_end(entry.key)
         while len(self._entries) > 1 and self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 

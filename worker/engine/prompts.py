@@ -36,6 +36,8 @@ class Prepared:
     prefix: int = 0
     """How many leading ids this item shares with others of its batch (their keys and values are
     computed once: :mod:`worker.engine.prefix`); 0: none."""
+    adapter: str | None = None
+    """The adapter this item runs with, by name (None: the model has no adapter)."""
 
 
 class Prompts:

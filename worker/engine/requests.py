@@ -36,3 +36,7 @@ def attach_requests(engine: Engine) -> None:
     )
     engine.rules.shaper = Shaper(constraints)
     engine.results.model = model_name(loaded.extra, loaded.profile.name)
+    if loaded.profile.multi_adapter:
+        base = loaded.extra.get("base_model") or loaded.profile.name
+        engine.results.models = {name: f"{base}:{ident}" for name, ident in loaded.adapters.items()}
+        engine.results.record_adapter = True

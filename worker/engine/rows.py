@@ -88,6 +88,13 @@ class Results:
         self.worker = worker
         self.model: str | None = None
         """The base model and adapter that answer (``base:adapter``), set by the engine."""
+        self.models: dict[str, str] = {}
+        """With several adapters: each adapter's ``base:adapter``, by its name."""
+        self.record_adapter = False
+        """Results name the adapter that answered (profiles with several ``adapters``)."""
+
+    def adapter(self, item: Item, used: str | None) -> str | None:
+        return used if self.record_adapter or item.adapter is not None else None
 
     def ok(self, row: Row, attempts: int) -> ItemResult:
         text, reason = result_text(
@@ -110,7 +117,8 @@ class Results:
             worker=self.worker,
             attempts=attempts,
             latency_ms=round(((row.done_at or time.perf_counter()) - row.started) * 1000, 2),
-            model=self.model,
+            model=self.models.get(row.prep.adapter or "", self.model),
+            adapter=self.adapter(item, row.prep.adapter),
             **extra,
         )
 
@@ -122,5 +130,6 @@ class Results:
             mode=self.mode,
             worker=self.worker,
             attempts=attempts,
-            model=self.model,
+            model=self.models.get(item.adapter or "", self.model),
+            adapter=item.adapter,
         )

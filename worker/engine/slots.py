@@ -33,7 +33,8 @@ Finished = Callable[[list[Row]], None]
 
 
 def admission_order(prep: Prepared) -> tuple[tuple[int, ...], int, int]:
-    """Items sharing a prefix together, then by length: neighbours in a batch pad little."""
+    """Items sharing a prefix together, then by length: neighbours in a batch pad little.  (Rows
+    of different adapters mix freely: each row of a pass has its own.)"""
     return (tuple(prep.ids[: prep.prefix]), len(prep.ids), prep.max_new)
 
 
@@ -83,7 +84,7 @@ class SlotDecoder:
             n = len(active)
             positions, visible = cache.begin_decode(n)
             step = torch.tensor(tokens, dtype=torch.long)[:, None]
-            logits = fwd(step, visible, positions, cache)
+            logits = fwd(step, visible, positions, cache, adapters=[r.prep.adapter for r in active])
             tokens = self.rules.pick(logits, active)
             self._settle(active, tokens, cache, range(n), finished)
         if queue:
@@ -124,7 +125,8 @@ class SlotDecoder:
             positions, visible = cache.begin_prefill(
                 first_slot + start, [r.prep.prefix for r in group], own[start:end], width, prefixes
             )
-            logits = self.forward(ids, visible, positions, cache, last_only=True)
+            adapters = [r.prep.adapter for r in group]
+            logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
             picks += self.rules.pick(logits, group)
             del logits
             start = end
@@ -135,20 +137,23 @@ class SlotDecoder:
         if not prep.prefix:
             return None
         ids = tuple(prep.ids[: prep.prefix])
-        entry = self.prefixes.get(ids)
+        entry = self.prefixes.get(ids, prep.adapter)
         if entry is None:
-            entry = self.compute_prefix(ids)
+            entry = self.compute_prefix(ids, prep.adapter)
             self.prefixes.put(entry)
         return entry
 
-    def compute_prefix(self, ids: tuple[int, ...]) -> PrefixKV:
-        """Prefill ``ids`` alone, in pieces of :data:`PREFILL_TOKENS`, and keep its keys and values."""
+    def compute_prefix(self, ids: tuple[int, ...], adapter: str | None = None) -> PrefixKV:
+        """Prefill ``ids`` alone (through ``adapter``), in pieces of :data:`PREFILL_TOKENS`, and keep
+        its keys and values."""
         cache = SlotCache(1, len(ids))
         done = 0
         while done < len(ids):
             piece = list(ids[done : done + PREFILL_TOKENS])
             positions, visible = cache.begin_prefill(0, [done], [len(piece)], len(piece))
-            self.forward(torch.tensor([piece], dtype=torch.long), visible, positions, cache, last_only=True)
+            piece_ids = torch.tensor([piece], dtype=torch.long)
+            self.forward(piece_ids, visible, positions, cache, last_only=True, adapters=[adapter])
             done += len(piece)
         layers = [cache.layer(i, 0) for i in range(len(cache.key_slots))]
-        return PrefixKV(ids=ids, keys=[k.clone() for k, _ in layers], values=[v.clone() for _, v in layers])
+        keys, values = [k.clone() for k, _ in layers], [v.clone() for _, v in layers]
+        return PrefixKV(ids=ids, keys=keys, values=values, adapter=adapter)

@@ -17,6 +17,7 @@ from pathlib import Path
 from worker.core.errors import ModelLoadError
 from worker.core.profiles import Profile
 from worker.core.settings import Settings, get_settings
+from worker.model.adapters import adapter_folders
 from worker.model.capability import Estimate, estimate
 from worker.model.loading import _is_local, fetch_repo
 
@@ -53,17 +54,24 @@ def model_files(profile: Profile, settings: Settings | None = None) -> ModelFile
         from worker.model.tiny import ensure_model
 
         built = ensure_model(home=settings.home)
-        return ModelFiles(built.base, built.adapter, "tiny-random", "tiny-random-lora")
-    adapter = None
-    if profile.adapter:
-        adapter = _folder(profile.adapter, profile.adapter_revision, profile, settings)
+        if profile.adapters is None:
+            return ModelFiles(built.base, built.adapter, "tiny-random", "tiny-random-lora")
+
+    def fetch(repo: str, revision: str | None) -> Path:
+        return Path(fetch_repo(repo, revision, profile, settings, weights=False))
+
+    named = adapter_folders(profile, settings, fetch, check_weights=False)
+    adapter = named[0].folder if named else None
+    adapter_id = named[0].id if named else None
+    if profile.tiny:
+        return ModelFiles(built.base, adapter, "tiny-random", adapter_id)
     base, revision = profile.base, profile.base_revision
     if base is None:
         if adapter is None or not (adapter / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{profile.adapter} has no adapter_config.json naming its base model")
+            raise ModelLoadError(f"{adapter_id} has no adapter_config.json naming its base model")
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:
-            raise ModelLoadError(f"{profile.adapter}'s adapter_config.json names no base model; set 'base'")
+            raise ModelLoadError(f"{adapter_id}'s adapter_config.json names no base model; set 'base'")
         revision = cfg.get("revision") or revision
-    return ModelFiles(_folder(base, revision, profile, settings), adapter, base, profile.adapter)
+    return ModelFiles(_folder(base, revision, profile, settings), adapter, base, adapter_id)

@@ -5,8 +5,9 @@
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantisation, ``device_map="auto"`` on a GPU with a
   ``max_memory`` that leaves KV-cache headroom, fp32 CPU offload and an offload folder; the adapter
   is attached unmerged with ``PeftModel.from_pretrained``.  On a CPU, bitsandbytes' CPU backend.
-* ``fp32``: ``dtype=torch.float32`` on the CPU, the adapter loaded and merged
-  (``merge_and_unload``), so generation costs what the base model costs.
+* ``fp32``: ``dtype=torch.float32`` on the CPU, a lone adapter loaded and merged
+  (``merge_and_unload``), so generation costs what the base model costs; a profile's several
+  adapters all stay unmerged (:mod:`worker.model.adapters`).
 
 Hub access goes through :func:`resolve_sources`, which only ever fetches the files a profile needs
 (safetensors weights, configs, tokenizer) and turns hub errors into messages that name the
@@ -20,13 +21,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from worker.core.errors import ModelLoadError
 from worker.core.logs import get_logger
-from worker.core.profiles import Profile
+from worker.core.profiles import SINGLE_ADAPTER, Profile
 from worker.core.settings import Settings, get_settings
 from worker.core.states import LoadMode, Mode
+from worker.model.adapters import AdapterFolder, AdapterState, adapter_folders, attach
 from worker.model.capability import (
     Decision,
     Estimate,
@@ -52,6 +54,8 @@ class Sources:
     adapter: Path | None
     base_id: str
     adapter_id: str | None
+    adapters: list[AdapterFolder] = field(default_factory=list)
+    """Every adapter of the profile, the default (``adapter`` above) first."""
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Loaded:
     device: str
     placement: dict[str, int]
     quantized_linear_layers: int
-    adapter: Literal["merged", "unmerged", "none"]
+    adapter: AdapterState
     weights_bytes: int
     estimate: Estimate
     decision: Decision
@@ -73,6 +77,12 @@ class Loaded:
     context_length: int
     eos_token_ids: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Every loaded adapter: its name → how results name it (``base:<this>``); the default first."""
+
+    @property
+    def default_adapter(self) -> str | None:
+        return next(iter(self.adapters), None)
 
     @property
     def offloaded(self) -> bool:
@@ -158,26 +168,22 @@ def fetch_repo(repo: str, revision: str | None, profile: Profile, settings: Sett
 def resolve_sources(profile: Profile, settings: Settings | None = None) -> Sources:
     """Local folders for the profile's base and adapter, downloading what is missing."""
     settings = settings or get_settings()
+
+    def fetch(repo: str, revision: str | None) -> Any:
+        return fetch_repo(repo, revision, profile, settings)
+
     if profile.tiny:
         from worker.model.tiny import ensure_model
 
         built = ensure_model(home=settings.home)
-        return Sources(built.base, built.adapter, "tiny-random", "tiny-random-lora")
+        if profile.adapters is None:
+            own = AdapterFolder(SINGLE_ADAPTER, built.adapter, "tiny-random-lora")
+            return Sources(built.base, built.adapter, "tiny-random", own.id, [own])
+        named = adapter_folders(profile, settings, fetch)
+        return Sources(built.base, named[0].folder, "tiny-random", named[0].id, named)
 
-    adapter_dir: Path | None = None
-    if profile.adapter:
-        if _is_local(profile.adapter):
-            adapter_dir = Path(profile.adapter).expanduser()
-        else:
-            adapter_dir = Path(fetch_repo(profile.adapter, profile.adapter_revision, profile, settings))
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{profile.adapter} has no adapter_config.json: is it a peft LoRA adapter?")
-        if profile.use_safetensors and not list(adapter_dir.glob("*.safetensors")):
-            raise ModelLoadError(
-                f"{profile.adapter} has no safetensors weights; genq refuses pickle-based adapter files "
-                f"unless {profile.source} sets use_safetensors: false"
-            )
-
+    named = adapter_folders(profile, settings, fetch)
+    adapter_dir = named[0].folder if named else None
     base = profile.base
     base_revision = profile.base_revision
     if base is None:
@@ -185,7 +191,7 @@ def resolve_sources(profile: Profile, settings: Settings | None = None) -> Sourc
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:
-            raise ModelLoadError(f"{profile.adapter}'s adapter_config.json names no base model; set 'base'")
+            raise ModelLoadError(f"{named[0].id}'s adapter_config.json names no base model; set 'base'")
         base_revision = cfg.get("revision") or base_revision
     base_dir = (
         Path(base).expanduser()
@@ -197,7 +203,7 @@ def resolve_sources(profile: Profile, settings: Settings | None = None) -> Sourc
             f"{base} has no safetensors weights; genq refuses pickle-based .bin checkpoints unless "
             f"{profile.source} sets use_safetensors: false"
         )
-    return Sources(base_dir, adapter_dir, base, profile.adapter)
+    return Sources(base_dir, adapter_dir, base, named[0].id if named else None, named)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -356,19 +362,7 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"loading {sources.base_id} in {decision.mode} failed: {exc}") from exc
 
-    adapter_state: Literal["merged", "unmerged", "none"] = "none"
-    if sources.adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(sources.adapter), is_trainable=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelLoadError(f"loading adapter {sources.adapter_id} failed: {exc}") from exc
-        if decision.mode == "fp32":
-            model = model.merge_and_unload()
-            adapter_state = "merged"
-        else:
-            adapter_state = "unmerged"
+    model, adapter_state = attach(model, sources.adapters, decision.mode)
     model.eval()
     model.requires_grad_(False)
 
@@ -393,7 +387,10 @@ def load_model(
         context_length=context,
         eos_token_ids=eos,
     )
+    loaded.adapters = {a.name: a.id for a in sources.adapters}
     loaded.extra.update(base_model=sources.base_id, adapter_model=sources.adapter_id)
+    if profile.multi_adapter:
+        loaded.extra["adapters"] = dict(loaded.adapters)
     if decision.device == "cuda":
         loaded.extra["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
     log.info("model_loaded", **loaded.summary())

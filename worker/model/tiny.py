@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 BUILDER_VERSION = "1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -153,7 +154,6 @@ def build_tokenizer(spec: ModelSpec, out: Path) -> None:
 def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
     """Random Qwen2 weights (safetensors) in ``base_dir``, a non-zero LoRA in ``adapter_dir``."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -188,6 +188,16 @@ def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
     )
     model.save_pretrained(str(base_dir), safe_serialization=True)
 
+    torch.manual_seed(spec.seed + 1)
+    save_adapter(model, spec, adapter_dir, base_dir, scale=0.5)
+
+
+def save_adapter(model: Any, spec: ModelSpec, out: Path, base_dir: Path, *, scale: float) -> None:
+    """A random (non-zero) LoRA on every projection of ``model``, its A and B × ``scale``, saved
+    to ``out`` (the caller seeds torch)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=spec.lora_rank,
         lora_alpha=2 * spec.lora_rank,
@@ -195,17 +205,50 @@ def build_model(spec: ModelSpec, base_dir: Path, adapter_dir: Path) -> None:
         init_lora_weights=False,  # random A and B: the adapter really changes the output
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(spec.seed + 1)
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.mul_(0.5)
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    cfg_path = adapter_dir / "adapter_config.json"
+                param.mul_(scale)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+TINY_ADAPTER_SCALE = 1.0
+"""A and B of the named tiny adapters (``adapters: {a: {tiny: 1}}``) are scaled by this: large
+enough that two of them (two seeds) give different greedy text on the tiny model."""
+
+
+def ensure_adapter(seed: int, spec: ModelSpec = TINY, home: Path | None = None) -> Path:
+    """A tiny random LoRA for ``spec``'s model built with ``seed`` (once, like the model): the
+    named adapters of a tiny profile.  Returns its folder."""
+    built = ensure_model(spec, home)
+    root = built.base.parent / "adapters"
+    final = root / f"seed-{seed}"
+    if (final / "COMPLETE").exists():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".seed-{seed}-", dir=root))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(built.base), dtype=torch.float32)
+        torch.manual_seed(1_000_003 * (seed + 1))
+        save_adapter(model, spec, tmp, built.base, scale=TINY_ADAPTER_SCALE)
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "COMPLETE").exists():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def ensure_model(spec: ModelSpec = TINY, home: Path | None = None) -> TinyModel:
