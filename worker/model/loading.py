@@ -324,41 +324,8 @@ def load_model(
         ) from exc
     model: Any
     try:
-        if decision.mode == "fp32":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(sources.base), dtype=torch.float32, device_map="cpu", **common
-            )
-        else:
-            from transformers import BitsAndBytesConfig
-
-            compute = _compute_dtype(profile, facts, decision.device)
-            quant = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute,
-                llm_int8_enable_fp32_cpu_offload=True,
-            )
-            kwargs: dict[str, Any] = {"quantization_config": quant, "dtype": compute, **common}
-            if decision.device == "cuda":
-                offload = profile.nf4.offload_folder or settings.offload_dir
-                offload.mkdir(parents=True, exist_ok=True)
-                cpu_bytes = (
-                    int(profile.nf4.cpu_offload_gib * 1024**3)
-                    if profile.nf4.cpu_offload_gib
-                    else ram_budget(facts)
-                )
-                per_gpu = gpu_budget(facts, profile.nf4.kv_cache_headroom) // max(len(facts.gpus), 1)
-                max_memory: dict[int | str, int] = {g.index: per_gpu for g in facts.gpus}
-                max_memory["cpu"] = cpu_bytes
-                kwargs.update(
-                    device_map="auto",
-                    max_memory=max_memory,
-                    offload_folder=str(offload),
-                )
-            else:
-                kwargs["device_map"] = "cpu"
-            model = AutoModelForCausalLM.from_pretrained(str(sources.base), **kwargs)
+        kwargs = _load_kwargs(profile, settings, facts, decision)
+        model = AutoModelForCausalLM.from_pretrained(str(sources.base), **kwargs, **common)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"loading {sources.base_id} in {decision.mode} failed: {exc}") from exc
 
@@ -402,6 +369,38 @@ def load_model(
             "Use a bigger GPU, lower nf4.kv_cache_headroom, or a smaller profile.",
         )
     return loaded
+
+
+def _load_kwargs(profile: Profile, settings: Settings, facts: Facts, decision: Decision) -> dict[str, Any]:
+    """``from_pretrained`` arguments for the chosen mode: fp32 on the CPU; NF4 with double
+    quantisation and fp32 CPU offload, and on a GPU ``device_map="auto"`` with a ``max_memory``
+    that leaves KV-cache headroom and an offload folder."""
+    import torch
+
+    if decision.mode == "fp32":
+        return {"dtype": torch.float32, "device_map": "cpu"}
+    from transformers import BitsAndBytesConfig
+
+    compute = _compute_dtype(profile, facts, decision.device)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_enable_fp32_cpu_offload=True,
+    )
+    kwargs: dict[str, Any] = {"quantization_config": quant, "dtype": compute, "device_map": "cpu"}
+    if decision.device == "cuda":
+        offload = profile.nf4.offload_folder or settings.offload_dir
+        offload.mkdir(parents=True, exist_ok=True)
+        cpu_bytes = (
+            int(profile.nf4.cpu_offload_gib * 1024**3) if profile.nf4.cpu_offload_gib else ram_budget(facts)
+        )
+        per_gpu = gpu_budget(facts, profile.nf4.kv_cache_headroom) // max(len(facts.gpus), 1)
+        max_memory: dict[int | str, int] = {g.index: per_gpu for g in facts.gpus}
+        max_memory["cpu"] = cpu_bytes
+        kwargs.update(device_map="auto", max_memory=max_memory, offload_folder=str(offload))
+    return kwargs
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
