@@ -289,7 +289,11 @@ def load_model(
     settings: Settings | None = None,
     facts: Facts | None = None,
 ) -> Loaded:
-    """Resolve, check memory, load base + adapter in the chosen mode.  Raises genq errors only."""
+    """Resolve, check memory, load base + adapter in the chosen mode.  Raises genq errors only.
+
+    Longer than most functions here on purpose: it is the load's one sequence (resolve, estimate,
+    decide, config, weights, adapters, tokenizer, summary), read top to bottom; each step that
+    can fail is its own helper and says what to fix."""
     from worker.model.quiet import quiet_model_libraries
 
     quiet_model_libraries()
