@@ -16,13 +16,17 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.core.errors import GenqError
 from worker.core.settings import get_settings, reset_settings
 from worker.core.states import Mode
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
+    from worker.runtime import Runtime
 
 MODE_CHOICE = click.Choice(["auto", "nf4", "fp32"])
 REDIS_WAIT_REPEAT = 30.0
@@ -192,36 +196,10 @@ def start(
     log = get_logger(worker=node)
     try:
         _wait_for_redis(settings.broker, log)
-        if concurrency == 1:
-            # one process: load here, before consuming; the solo pool runs tasks in this process
-            from worker.runtime import Runtime, set_runtime
-
-            runtime = Runtime(settings, name=node)
-            set_runtime(runtime)
-            if metrics_port:
-                _serve_metrics(metrics_port, runtime, log)
-            runtime.load(profile, mode)
-            if metrics_port:
-                from worker.queue.metrics import loaded
-
-                loaded(runtime)
-            chosen: str | None = runtime.mode
-            pool = "solo"
-        else:
-            # several processes: decide the mode in a spawned process (this one forks the pool, so
-            # it must run no torch op: neither CUDA nor OpenMP survives a fork); children load
-            chosen = _decide_mode_isolated(profile, mode)
-            os.environ["GENQ_MODE"] = str(chosen)
-            cores = os.cpu_count() or 1
-            os.environ.setdefault("GENQ_THREADS", str(max(1, cores // concurrency)))
-            reset_settings()
-            from worker.runtime import Runtime, set_runtime
-
-            # no model here: the children inherit the name and each loads its own copy
-            set_runtime(Runtime(get_settings(), name=node))
-            pool = "prefork"
+        chosen, runtime = _prepare(profile, mode, concurrency, node, metrics_port, settings, log)
     except GenqError as exc:
         _fail(exc)
+    pool = "solo" if runtime is not None else "prefork"
 
     from worker.core.profiles import load_profile
     from worker.queue.app import get_app
@@ -238,17 +216,57 @@ def start(
         concurrency=concurrency,
         broker=settings.broker_display,
     )
-    if pool == "solo":
+    if runtime is not None:
         runtime.start_heartbeat()
-    argv = [
-        "--quiet",  # no banner: the worker_starting event above says what it would
+    get_app().worker_main(_celery_argv(pool, concurrency, queue_list, node, loglevel))
+
+
+def _prepare(
+    profile: str,
+    mode: str,
+    concurrency: int,
+    node: str,
+    metrics_port: int | None,
+    settings: Settings,
+    log: Any,
+) -> tuple[str, Runtime | None]:
+    """The mode chosen, and the runtime with the model loaded when this process runs the tasks
+    (one process, solo pool); None when a prefork pool's children each load their own."""
+    from worker.runtime import Runtime, set_runtime
+
+    if concurrency == 1:
+        runtime = Runtime(settings, name=node)
+        set_runtime(runtime)
+        if metrics_port:
+            _serve_metrics(metrics_port, runtime, log)
+        runtime.load(profile, mode)
+        if metrics_port:
+            from worker.queue.metrics import loaded
+
+            loaded(runtime)
+        return str(runtime.mode), runtime
+    # several processes: decide the mode in a spawned process (this one forks the pool, so it must
+    # run no torch op: neither CUDA nor OpenMP survives a fork); children load
+    chosen = _decide_mode_isolated(profile, mode)
+    os.environ["GENQ_MODE"] = str(chosen)
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("GENQ_THREADS", str(max(1, cores // concurrency)))
+    reset_settings()
+    # no model here: the children inherit the name and each loads its own copy
+    set_runtime(Runtime(get_settings(), name=node))
+    return chosen, None
+
+
+def _celery_argv(pool: str, concurrency: int, queues: list[str], node: str, loglevel: str) -> list[str]:
+    return [
+        "--quiet",  # no banner: the worker_starting event says what it would
         "worker",
         "--pool",
         pool,
         "--concurrency",
         str(concurrency),
         "--queues",
-        ",".join(queue_list),
+        ",".join(queues),
         "--hostname",
         f"{node}@%h",
         "--loglevel",
@@ -257,7 +275,6 @@ def start(
         "--without-gossip",
         "--task-events",
     ]
-    get_app().worker_main(argv)
 
 
 def _serve_metrics(port: int, runtime: Any, log: Any) -> None:
