@@ -122,6 +122,13 @@ def cli() -> None:
 @click.option("--new", is_flag=True, help="A fresh job id even if this file was submitted before.")
 @click.option("--mode", default="any", show_default=True, help="any, nf4 or fp32: which workers may take it.")
 @click.option("--chunk-size", type=int, default=16, show_default=True, help="Items per task message.")
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "low"]),
+    default="normal",
+    show_default=True,
+    help="Queue level: high jobs overtake normal ones, normal overtake low; one level shares round robin.",
+)
 @click.option("--expires-in", type=float, default=None, help="Seconds; items not done by then are expired.")
 @click.option("--skip-invalid", is_flag=True, help="Record bad lines as errored items instead of refusing.")
 @param_options
@@ -133,6 +140,7 @@ def submit(
     new: bool,
     mode: str,
     chunk_size: int,
+    priority: str,
     expires_in: float | None,
     skip_invalid: bool,
     **kw: Any,
@@ -152,6 +160,7 @@ def submit(
         system_prompt=system_prompt,
         expires_in=expires_in,
         skip_invalid=skip_invalid,
+        priority=priority,
         on_job_id=announce,
         on_wait=waiting,
     )

@@ -213,6 +213,7 @@ def start(profile: str, mode: str | None, concurrency: int, name: str | None, lo
         broker=settings.broker_display,
     )
     if pool == "solo":
+        runtime.queues = queue_list
         runtime.start_heartbeat()
     argv = [
         "--quiet",  # no banner: the worker_starting event above says what it would
