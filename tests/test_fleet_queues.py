@@ -45,6 +45,13 @@ class Fleet:
             for e in log_events(self.worker.log_path, event, job=job)
         ]
 
+    def chunk_events(self, job: str) -> list[tuple[float, dict[str, object]]]:
+        """``(time, event)`` of the worker's ``chunk_done`` events for ``job``."""
+        return [
+            (datetime.fromisoformat(str(e["timestamp"])).timestamp(), e)
+            for e in log_events(self.worker.log_path, "chunk_done", job=job)
+        ]
+
     def wait_done(self, job: str, timeout: float) -> float:
         state = self.client.job(job).wait(timeout=timeout, poll=0.2)
         assert state.status == JobStatus.COMPLETED, state.status
@@ -62,36 +69,38 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def test_a_high_job_overtakes_a_running_low_job(fleet: Fleet, tmp_path: Path) -> None:
-    low = fleet.client.submit(
-        write_prompts(tmp_path / "low.jsonl", 2000, max_new_tokens=2, prefix="low"),
-        profile=PROFILE,
-        chunk_size=16,
-        priority="low",
-    ).id
-    wait_for(lambda: len(fleet.events("chunk_done", low)) >= 2, timeout=60, what="the low job to run")
-    high = genq(
+    low = genq(
         fleet.redis.url,
         "submit",
-        str(write_prompts(tmp_path / "high.jsonl", 64, max_new_tokens=2, prefix="high")),
+        str(write_prompts(tmp_path / "low.jsonl", 2000, max_new_tokens=2, prefix="low")),
         "--profile",
         PROFILE,
         "--chunk-size",
         "16",
         "--priority",
-        "high",
+        "low",
     ).stdout.strip()
+    assert fleet.client.store.spec(low).priority == "low"
+    wait_for(lambda: len(fleet.events("chunk_done", low)) >= 2, timeout=60, what="the low job to run")
+    asked = time.time()
+    high = fleet.client.submit(
+        write_prompts(tmp_path / "high.jsonl", 64, max_new_tokens=2, prefix="high"),
+        profile=PROFILE,
+        chunk_size=16,
+        priority="high",
+    ).id
+    queued = time.time()  # the high job's chunks are on its queue by now
     fleet.wait_done(high, timeout=60)
     fleet.client.job(low).cancel()
-    submitted = fleet.client.store.spec(high).created_at  # the CLI's own start is not the job's
 
     first_high = fleet.events("results_written", high)[0][0]
     last_high = fleet.events("chunk_done", high)[-1][0]
-    low_done = [t for t, _ in fleet.events("chunk_done", low)]
-    before_first = [t for t in low_done if submitted < t < first_high]
-    # the chunk in flight when the high job came, at most: one chunk per worker (done: below 5)
-    assert len(before_first) <= 1, before_first
-    # and no low chunk between the high job's first result and its end
-    assert [t for t in low_done if first_high < t < last_high] == []
+    low_done = [(t, t - float(e["seconds"])) for t, e in fleet.chunk_events(low)]
+    # its first result comes before the low job's next 5 chunks: in fact after the one in flight
+    assert len([t for t, _ in low_done if asked < t < first_high]) < 5
+    assert len([t for t, _ in low_done if queued < t < first_high]) <= 1
+    # and no low chunk starts once its chunks are queued, until it has finished
+    assert [s for _, s in low_done if queued < s < last_high] == []
     assert fleet.client.job(low).status().counts.succeeded < 2000
 
 
