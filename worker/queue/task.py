@@ -28,11 +28,11 @@ from worker.runtime import Runtime, get_runtime
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime()
-    try:
-        return _run_chunk(runtime, ref)
-    finally:
-        # before the acknowledgement: the chunk is over (or handed back), top up the queues
-        _dispatch(runtime)
+    outcome = _run_chunk(runtime, ref)
+    # before the acknowledgement: the chunk is over, top up the queues (a chunk handed back has
+    # raised instead: its message returns to its queue, and the next heartbeat dispatches)
+    _dispatch(runtime)
+    return outcome
 
 
 def _dispatch(runtime: Runtime) -> None:
