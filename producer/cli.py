@@ -44,6 +44,13 @@ def cli() -> None:
 @click.option("--new", is_flag=True, help="A fresh job id even if this file was submitted before.")
 @click.option("--mode", default="any", show_default=True, help="any, nf4 or fp32: which workers may take it.")
 @click.option("--chunk-size", type=int, default=16, show_default=True, help="Items per task message.")
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "low"]),
+    default="normal",
+    show_default=True,
+    help="Queue level: high jobs overtake normal ones, normal overtake low; one level shares round robin.",
+)
 @click.option("--expires-in", type=float, default=None, help="Seconds; items not done by then are expired.")
 @click.option("--skip-invalid", is_flag=True, help="Record bad lines as errored items instead of refusing.")
 @click.option("--adapter", default=None, help="One of the profile's adapters, for items that name none.")
@@ -56,6 +63,7 @@ def submit(
     new: bool,
     mode: str,
     chunk_size: int,
+    priority: str,
     expires_in: float | None,
     skip_invalid: bool,
     adapter: str | None,
@@ -77,14 +85,18 @@ def submit(
         expires_in=expires_in,
         skip_invalid=skip_invalid,
         adapter=adapter,
+        priority=priority,
         on_job_id=announce,
         on_wait=waiting,
     )
+    from worker.queue.routing import queue_name  # names only (no Celery); a distributed submit
+
     state = job.status()
     verb = "resumed" if job.resumed else "submitted"
+    spec = state.spec
     click.echo(
         f"{verb} {state.counts.total} items in {job.enqueued} chunks ({state.counts.pending} pending) "
-        f"to genq.{state.spec.profile}.{state.spec.mode}",
+        f"to {queue_name(spec.profile, spec.mode, spec.priority)}",
         err=True,
     )
     click.echo(job.id)

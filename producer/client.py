@@ -28,8 +28,9 @@ from worker.core.jobstate import JobState
 from worker.core.profiles import load_profile
 from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
 from worker.core.settings import Settings, get_settings
-from worker.core.states import ErrorCode, JobStatus, QueueMode
+from worker.core.states import ErrorCode, JobStatus, Priority, QueueMode
 from worker.store import RedisStore
+from worker.store.keys import backlog_key
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -181,15 +182,18 @@ class Client:
         return self._app
 
     def publish(self, spec: JobSpec, chunks: dict[str, list[int]]) -> int:
+        """Into the job's backlog, then dispatched to its queue round robin with other jobs."""
         from worker.queue.publish import publish_chunks
 
-        return publish_chunks(spec, chunks, self.app)
+        return publish_chunks(spec, chunks, self.app, store=self.store)
 
     def live_messages(self, spec: JobSpec) -> set[str]:
+        """The job's messages in its backlog, on its queue or unacknowledged."""
         from worker.queue.messages import message_ids
         from worker.queue.routing import queue_name
 
-        return message_ids(self.store.r, [queue_name(spec.profile, spec.mode)])
+        queues = [queue_name(spec.profile, spec.mode, spec.priority)]
+        return message_ids(self.store.r, queues, [backlog_key(spec.job_id)])
 
     def submit(
         self,
@@ -205,6 +209,7 @@ class Client:
         skip_invalid: bool = False,
         adapter: str | None = None,
         new: bool = False,
+        priority: Priority | str = Priority.NORMAL,
         on_job_id: Callable[[str], None] | None = None,
         on_wait: Callable[[], None] | None = None,
     ) -> Job:
@@ -212,10 +217,13 @@ class Client:
         Nothing is enqueued when the input has an error (unless ``skip_invalid``).  Without
         ``job_id`` a file gets an id derived from its content, profile and parameters (the same
         command resumes the same job; ``new`` makes a fresh one); records get a fresh id.
-        ``on_job_id`` hears the id before anything is written.  ``adapter``: one of the
-        profile's adapters, by name, for items that name none."""
+        ``priority`` (high, normal, low): which queue level its chunks wait on; between jobs of
+        one level, chunks are served round robin.  ``adapter``: one of the profile's adapters, by
+        name, for items that name none.  ``on_job_id`` hears the id before anything is written."""
         if mode not in tuple(QueueMode):
             raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
+        if priority not in tuple(Priority):
+            raise InputError(f"unknown priority {priority!r}: choose high, normal or low", field="priority")
         options = SubmitOptions(
             profile=load_profile(profile, self.settings),
             mode=QueueMode(mode),
@@ -225,6 +233,7 @@ class Client:
             expires_in=expires_in,
             skip_invalid=skip_invalid,
             adapter=adapter,
+            priority=Priority(priority),
         )
         options.check()
         if job_id is None:
@@ -257,9 +266,11 @@ class Client:
             spec: JobSpec | None = self.store.spec(job_id)
         except Exception:
             spec = None
-        queues = [queue_name(spec.profile, m) for m in QueueMode] if spec else []
+        queues = [queue_name(spec.profile, m, spec.priority) for m in QueueMode] if spec else []
+        backlog = self.store.backlog_length(job_id)
+        self.store.forget_backlog(job_id, queues)
         keys = self.store.delete(job_id)
-        messages = drain(self.store.r, queues, job_id) if queues else 0
+        messages = backlog + (drain(self.store.r, queues, job_id) if queues else 0)
         return Deleted(job_id, keys, messages)
 
     def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:

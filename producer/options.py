@@ -14,7 +14,7 @@ from producer.inputs import InputLimits
 from worker.core.errors import InputError
 from worker.core.profiles import Profile
 from worker.core.schema import GenParams
-from worker.core.states import QueueMode
+from worker.core.states import Priority, QueueMode
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class SubmitOptions:
     adapter: str | None = None
     """The job's adapter, by a name the profile lists (``--adapter``): items that name none run
     with it.  None: the profile's default."""
+    priority: Priority = Priority.NORMAL
+    """Not part of what the job is (nor of its derived id): a resubmit of the same input at another
+    priority resumes the job at the priority it was first submitted with."""
 
     def check(self) -> None:
         if self.chunk_size < 1:
@@ -51,7 +54,8 @@ class SubmitOptions:
             )
 
     def fingerprint(self) -> str:
-        """What, besides the input's bytes, makes a different job (the expiry does not)."""
+        """What, besides the input's bytes, makes a different job (the expiry and the priority
+        do not)."""
         return "|".join(
             [
                 self.profile.name,

@@ -9,13 +9,14 @@ The order is what makes a submit leave a job or nothing:
 4. the input is validated and stored page by page (memory stays flat); an error removes what was
    written, unless ``skip_invalid`` records the line as an errored item;
 5. only then are chunks published, each claimed in the store first (a bit per chunk), in
-   pipelined batches;
+   pipelined batches, into the job's backlog, from which they are dispatched to the broker queue
+   round robin with other jobs (:mod:`worker.store.dispatch`);
 6. the job becomes ``queued`` and its TTL is lifted.
 
 Interrupted anywhere, the same command resumes: the id is the same, inputs already stored are
 checked, not trusted blindly (a different input under the same id is refused), and only chunks
-without a live message are published.  Redis full: what was written is removed and the error
-names Redis' maxmemory.
+without a live message (in the job's backlog, on its queue or unacknowledged) are published.
+Redis full: what was written is removed and the error names Redis' maxmemory.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Submitter:
             job_id=job_id,
             profile=o.profile.name,
             mode=o.mode,
+            priority=o.priority,
             chunk_size=o.chunk_size,
             total=total,
             defaults=o.params,
@@ -213,6 +215,7 @@ class Submitter:
             enqueued += self._publish_pending(
                 spec, {cid: idx for cid, idx in stored.items() if f"{spec.job_id}:{cid}" not in live}
             )
+            self.publish(spec, {})  # a backlog an interrupted publish left outside its ring is served
         return enqueued
 
     def _publish_pending(self, spec: JobSpec, chunks: dict[str, list[int]]) -> int:

@@ -36,7 +36,11 @@ def all_job_keys(r: redis.Redis) -> list[str]:
 
 
 def task_ids(r: redis.Redis, queue: str = QUEUE) -> list[str]:
-    return [json.loads(raw)["headers"]["id"] for raw in r.lrange(queue, 0, -1)]
+    """The messages waiting: on the queue, and in the jobs' backlogs (not dispatched yet)."""
+    waiting = list(r.lrange(queue, 0, -1))
+    for key in r.scan_iter(match="genq:job:*:backlog", count=1000):
+        waiting += r.lrange(key, 0, -1)
+    return [json.loads(raw)["headers"]["id"] for raw in waiting]
 
 
 def store_for(url: str) -> RedisStore:

@@ -316,7 +316,8 @@ def test_claims_are_won_once_and_keys_of_a_partial_job_inherit_its_ttl(
     store: RedisStore, engines: dict[str, Engine]
 ) -> None:
     """While a job is ``submitting`` (its hash has the submit TTL) every key created for it gets
-    that TTL too: inputs, claims, attempts, running, chunk records, results, per-worker figures.
+    that TTL too: inputs, claims, attempts, running, chunk records, results, per-worker figures,
+    the backlog of undispatched messages.
     A chunk is claimed once.  Finishing the submit lifts the TTL from every key."""
     spec = JobSpec(job_id="j1", profile=PROFILE, chunk_size=2, total=4)
     made = items(4)
@@ -330,6 +331,9 @@ def test_claims_are_won_once_and_keys_of_a_partial_job_inherit_its_ttl(
     h = job_hash(store)
     assert (h["status"], h["succeeded"]) == ("submitting", "2")
     store.start_attempt("j1", "c000001", "x")  # running and attempts exist now too
+    # three messages published: two go to the broker queue (its depth), one waits in the backlog
+    store.enqueue("j1", "genq.q", [["m1", "m2", "m3"]])
+    assert store.r.lrange("genq.q", 0, -1) == ["m2", "m1"] and store.backlog_length("j1") == 1
     ttl = store.r.pttl(job_key("j1"))
     assert 0 < ttl <= store.settings.submit_ttl * 1000
     for key in job_keys("j1"):

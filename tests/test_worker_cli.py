@@ -75,6 +75,14 @@ def test_prefetch_offline_names_the_repo(tmp_path) -> None:  # type: ignore[no-u
 
 def test_queues_and_facts() -> None:
     proc = worker_cli("queues", "--profile", "tiny-random", "--mode", "nf4")
-    assert proc.stdout.strip() == "genq.tiny-random.nf4,genq.tiny-random.any"
+    # each priority level in turn, high first; within a level the worker's own mode, then any
+    assert proc.stdout.strip().split(",") == [
+        "genq.tiny-random.nf4.high",
+        "genq.tiny-random.any.high",
+        "genq.tiny-random.nf4",
+        "genq.tiny-random.any",
+        "genq.tiny-random.nf4.low",
+        "genq.tiny-random.any.low",
+    ]
     facts = json.loads(worker_cli("facts").stdout)
     assert facts["device"] == "cpu" and facts["ram_total_bytes"] > 0 and facts["bnb_cpu"] is True

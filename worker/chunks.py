@@ -222,7 +222,9 @@ def process_chunk(
     finally:
         if control is not None:
             control.clear_running(job_id, cid)
-            if run.cancelled:
+            # the last chunk of a cancelled job to stop ends it, even one that finished without
+            # noticing the cancel (its other chunks wait in no queue: cancel dropped its backlog)
+            if run.cancelled or control.status(job_id) == JobStatus.CANCELLING:
                 control.settle(job_id)
 
 

@@ -217,6 +217,7 @@ def start(
         broker=settings.broker_display,
     )
     if runtime is not None:
+        runtime.queues = queue_list
         runtime.start_heartbeat()
     get_app().worker_main(_celery_argv(pool, concurrency, queue_list, node, loglevel))
 

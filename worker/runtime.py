@@ -56,6 +56,9 @@ class Runtime:
         self.loaded: Loaded | None = None
         self.profile: Profile | None = None
         self.mode: Mode | None = None
+        self.queues: list[str] = []
+        """The broker queues this process consumes, in order (set by the queue layer): each
+        heartbeat registers it as their consumer and tops them up from the jobs' backlogs."""
         self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
         self._hardware: str | None = None
@@ -156,7 +159,11 @@ class Runtime:
 
     def beat(self) -> None:
         try:
-            self.store.heartbeat(self.name, self.info(), ttl=3 * self.settings.heartbeat_interval)
+            ttl = 3 * self.settings.heartbeat_interval
+            self.store.heartbeat(self.name, self.info(), ttl=ttl)
+            if self.queues:
+                self.store.register_consumer(self.name, self.queues, ttl)
+                self.store.dispatch(self.queues)  # makes up a dispatch lost to a crash
             measured = self.throughput()
             if measured is not None:
                 self.store.record_throughput(measured)
@@ -180,6 +187,7 @@ class Runtime:
         if self._store is not None:
             with contextlib.suppress(Exception):
                 self._store.remove_worker(self.name)
+                self._store.unregister_consumer(self.name, self.queues)
 
 
 _runtime: Runtime | None = None

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.core.states import FinishReason, ItemStatus, Mode, QueueMode
+from worker.core.states import FinishReason, ItemStatus, Mode, Priority, QueueMode
 from worker.core.structured import MAX_N, MAX_TOP_LOGPROBS, Choice, ResponseFormat, TokenLogprob
 
 MAX_STOP_SEQUENCES = 16
@@ -229,6 +229,9 @@ class JobSpec(_Strict):
     job_id: str
     profile: str
     mode: QueueMode = QueueMode.ANY
+    priority: Priority = Priority.NORMAL
+    """Which of the profile's queues its chunks go to (not part of what the job is: a resubmit
+    with another priority resumes the same job at the priority it was first submitted with)."""
     chunk_size: Annotated[int, Field(gt=0)] = 16
     total: int
     defaults: GenParams = GenParams()

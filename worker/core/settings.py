@@ -52,6 +52,12 @@ class Settings(BaseModel):
     """Deliveries of one chunk before it is split to isolate an item that kills workers; an item
     alone in its chunk past this many attempts is recorded as ``worker_lost``."""
 
+    queue_depth: int = Field(2, ge=1)
+    """The fewest chunk messages kept waiting on a broker queue while jobs have chunks left; the
+    dispatcher keeps ``max(this, live workers consuming the queue + 1)`` there and holds the rest
+    in each job's backlog, so a job submitted later gets its turn within about one chunk per
+    worker (see docs/OPERATIONS.md, "Several jobs on one fleet")."""
+
     result_ttl: int = Field(7 * 24 * 3600, ge=60)
     """Seconds a finished job (inputs, results, counts) is kept in Redis."""
 

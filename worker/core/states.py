@@ -35,6 +35,14 @@ class QueueMode(StrEnum):
     FP32 = "fp32"
 
 
+class Priority(StrEnum):
+    """A job's priority: each level is a queue of its own, consumed strictly in this order."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 class JobStatus(StrEnum):
     """A job's life: ``submitting`` → ``queued`` → ``in_progress`` → one of the final ones."""
 

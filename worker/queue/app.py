@@ -22,6 +22,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("genq", broker=settings.broker or DEFAULT_BROKER, include=["worker.queue.task"])
     options = transport_options(settings)
+    # BRPOP names the worker's queues in the order given (worker_queues: high, normal, low) and
+    # never rotates them: a waiting high chunk is always taken before a normal or low one
+    broker_options = {**options, "queue_order_strategy": "priority"}
     app.conf.update(
         # JSON only: a pickled message is refused, never executed
         task_serializer="json",
@@ -32,7 +35,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=options,
+        broker_transport_options=broker_options,
         result_backend_transport_options=options,
         # results live in the job store, not in a Celery result backend
         result_backend=None,

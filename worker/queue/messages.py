@@ -4,8 +4,10 @@ job wait in a queue or are delivered and not yet acknowledged, and removing a jo
 kombu keeps a queue as a Redis list of JSON envelopes (``{"body", "headers": {"id", ...},
 "properties"}``) and delivered-but-unacknowledged messages in the hash ``unacked`` as
 ``[envelope, exchange, routing_key]``.  A Celery message's task id is ``headers.id``; genq's task
-ids are ``<job>:<chunk>`` (:func:`worker.queue.routing.task_id`).  tests/test_queue_layout.py checks
-this against messages kombu itself wrote, so an upgrade that changes it fails there first.
+ids are ``<job>:<chunk>`` (:func:`worker.queue.routing.task_id`).  A job's messages not yet
+dispatched wait, in the same envelopes, in its backlog list (:mod:`worker.store.dispatch`).
+tests/test_queue_layout.py checks this against messages kombu itself wrote, so an upgrade that
+changes it fails there first.
 """
 
 from __future__ import annotations
@@ -41,10 +43,29 @@ def _queue_messages(r: redis.Redis, queue: str) -> Iterator[tuple[str, str | Non
             yield text, _task_id(text, wrapped=False)
 
 
-def message_ids(r: redis.Redis, queues: Sequence[str]) -> set[str]:
-    """Task ids of the messages waiting in ``queues`` or delivered but not yet acknowledged, so a
-    resumed submit re-enqueues only chunks whose message is gone."""
-    ids = {tid for queue in queues for _, tid in _queue_messages(r, queue) if tid is not None}
+def _backlog_messages(r: redis.Redis, key: str) -> Iterator[str | None]:
+    """Task ids in a backlog, read in pages from its right end: the dispatcher takes from the
+    left, which does not move negative indices, so no message is skipped (an append on the right
+    only makes a page read again what the last one read)."""
+    end = -1
+    while True:
+        page = r.lrange(key, end - PAGE + 1, end)
+        if not page:
+            return
+        for raw in page:
+            yield _task_id(_text(raw), wrapped=False)
+        if len(page) < PAGE:
+            return
+        end -= PAGE
+
+
+def message_ids(r: redis.Redis, queues: Sequence[str], backlogs: Sequence[str] = ()) -> set[str]:
+    """Task ids of the messages waiting in ``backlogs`` (a job's undispatched messages) or
+    ``queues``, or delivered but not yet acknowledged, so a resumed submit re-enqueues only chunks
+    whose message is gone.  Backlogs are read first: a message the dispatcher moves meanwhile is
+    then seen on the queue (it only ever moves from a backlog to a queue, then to ``unacked``)."""
+    ids = {tid for key in backlogs for tid in _backlog_messages(r, key) if tid is not None}
+    ids |= {tid for queue in queues for _, tid in _queue_messages(r, queue) if tid is not None}
     for _, raw in r.hscan_iter(UNACKED, count=PAGE):
         tid = _task_id(_text(raw), wrapped=True)
         if tid is not None:

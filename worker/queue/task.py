@@ -2,11 +2,14 @@
 
 The task is a thin shell around :func:`worker.chunks.process_chunk`: it parses the message (JSON
 only), refuses chunks of a profile this worker does not serve, and turns a shutdown or a lost
-store into a hand-back (the message goes back to its queue).
+store into a hand-back (the message goes back to its queue).  Once a chunk is over (its results
+written) and before its message is acknowledged, the worker tops up its queues from the jobs'
+backlogs (:mod:`worker.store.dispatch`), so the next chunk it takes is already waiting.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from celery import Task, shared_task, signals
@@ -18,13 +21,29 @@ from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
 from worker.queue.publish import publish_chunks
-from worker.queue.routing import TASK_NAME
-from worker.runtime import get_runtime
+from worker.queue.routing import TASK_NAME, worker_queues
+from worker.runtime import Runtime, get_runtime
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime()
+    outcome = _run_chunk(runtime, ref)
+    # before the acknowledgement: the chunk is over, top up the queues (a chunk handed back has
+    # raised instead: its message returns to its queue, and the next heartbeat dispatches)
+    _dispatch(runtime)
+    return outcome
+
+
+def _dispatch(runtime: Runtime) -> None:
+    _serve_queues(runtime)
+    try:
+        runtime.store.dispatch(runtime.queues)
+    except Exception as exc:  # the next chunk or heartbeat dispatches again: never fail a chunk
+        runtime.log.warning("dispatch_failed", error=str(exc)[:200])
+
+
+def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
     chunk = ChunkRef.model_validate(ref)
     engine = runtime.load()
     store = runtime.store
@@ -52,7 +71,7 @@ def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
             chunk,
             worker=runtime.name,
             max_attempts=runtime.settings.max_attempts,
-            publish=publish_chunks,
+            publish=functools.partial(publish_chunks, store=store),
             control=store,
             should_stop=runtime.stop_event.is_set,
         )
@@ -93,7 +112,15 @@ def _on_process_init(**_: Any) -> None:
             # one name per child, "<worker>-<n>"; a child that replaces a dead one takes its name
             runtime.rename(f"{runtime.name}-{index}")
         runtime.load()
+        _serve_queues(runtime)
         runtime.start_heartbeat()
+
+
+def _serve_queues(runtime: Runtime) -> None:
+    """The queues this process consumes: its heartbeat counts it as their consumer and tops them
+    up from the jobs' backlogs (the first beat is the dispatch at the worker's start)."""
+    if not runtime.queues and runtime.profile is not None and runtime.mode is not None:
+        runtime.queues = worker_queues(runtime.profile.name, runtime.mode)
 
 
 @signals.worker_ready.connect
@@ -104,6 +131,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     runtime = get_runtime()
     if "prefork" not in pool and runtime.settings.profile:
         runtime.load()
+        _serve_queues(runtime)
         runtime.start_heartbeat()
 
 

@@ -118,6 +118,9 @@ class JobStore(ChunkRecords):
             "end return s"
         )
         self._call(self.r.eval, script, 1, job_key(job_id), str(ending), time.time())
+        # chunks never dispatched are dropped now (settle counts their items as it counts those of
+        # messages still queued); the job leaves its ring at the next dispatch
+        self._call(self.r.delete, job_key(job_id, "backlog"))
         self.settle(job_id)
         return self.state(job_id)
 

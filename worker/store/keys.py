@@ -13,13 +13,18 @@ All keys live under ``genq:``.  A job's keys:
 ``job:<id>:attempts``          hash: chunk id → deliveries started
 ``job:<id>:running``           hash: chunk id → ``worker|since`` while a worker runs it
 ``job:<id>:workers``           hash: ``<worker>:items`` / ``<worker>:tokens`` per worker
+``job:<id>:backlog``           list: the job's chunk messages not yet on the broker queue (kombu
+                               envelopes), oldest first; :mod:`worker.store.dispatch` moves them
 ``job:<id>:submitter``         string, short TTL: held by the process submitting the job
 ``job:<id>:events``            pub/sub channel (not a key): the final status, once
 =============================  ============================================================
 
 Others: ``jobs`` (sorted set: job id by creation time, the job index), ``worker:<name>``
 (heartbeat JSON with a TTL), ``workers`` (sorted set: worker name by last heartbeat) and
-``throughput`` (hash: worker class → measured tokens/s, for `genq estimate`).
+``throughput`` (hash: worker class → measured tokens/s, for `genq estimate`), and per broker
+queue ``<queue>`` (the Celery queue name): ``ring:<queue>`` (list: the jobs with a backlog for
+that queue, served round robin) and ``consumers:<queue>`` (sorted set: worker name by the time its
+heartbeat expires; how many workers consume the queue).
 
 Plain chunks are ranges: chunk ``c<n>`` holds items ``n × chunk_size`` up to the next chunk, so
 a million-item job stores no chunk records at all (:func:`worker.chunks.chunk_range`).
@@ -33,7 +38,7 @@ WORKERS_INDEX = f"{PREFIX}workers"
 THROUGHPUT = f"{PREFIX}throughput"
 """Hash: worker class (profile|mode|device|hardware) → the last measured tokens/s (JSON)."""
 
-JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers")
+JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog")
 """The keys a job's data lives in besides its hash: they expire together with it."""
 
 SUBMITTER = "submitter"
@@ -63,3 +68,21 @@ def events_channel(job_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
+
+
+JOB_PREFIX = f"{PREFIX}job:"
+"""What :func:`job_key` puts before a job id (the dispatcher's Lua builds job keys from it)."""
+
+
+def backlog_key(job_id: str) -> str:
+    return job_key(job_id, "backlog")
+
+
+def ring_key(queue: str) -> str:
+    """The jobs with chunks waiting for broker queue ``queue``, served round robin."""
+    return f"{PREFIX}ring:{queue}"
+
+
+def consumers_key(queue: str) -> str:
+    """The live workers consuming broker queue ``queue`` (score: when their heartbeat expires)."""
+    return f"{PREFIX}consumers:{queue}"

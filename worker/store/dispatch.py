@@ -1,0 +1,97 @@
+"""Fair share between jobs: each job's chunk messages wait in its own backlog, and
+``lua/dispatch.lua`` moves them to the broker queue one job at a time (round robin), keeping only
+a few messages on the queue.  A job submitted after a million-item one therefore gets its turn
+within about one chunk per worker instead of waiting behind it.
+
+The messages are the ones kombu would find on the queue (built by :mod:`worker.queue.publish`);
+the broker and the job store are one Redis (``GENQ_BROKER_URL`` names both), so a Lua script can
+move a message from a backlog to the broker's list atomically: it is always in a backlog, on the
+queue, or delivered and unacknowledged (kombu's ``unacked``), never lost and never twice.
+
+Dispatch runs after each publish (submit, retry, split), in the worker after each chunk before
+its acknowledgement, and on every worker heartbeat (which also makes up a dispatch lost to a
+crash).  See docs/OPERATIONS.md, "Several jobs on one fleet".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from worker.store.base import StoreBase
+from worker.store.keys import JOB_PREFIX, backlog_key, consumers_key, job_key, ring_key
+
+
+class Dispatcher(StoreBase):
+    def _dispatch_keys(self, queues: Sequence[str]) -> list[str]:
+        return [k for q in queues for k in (q, ring_key(q), consumers_key(q))]
+
+    def _dispatch_args(self, add: Sequence[str] = ()) -> list[str | int | float]:
+        return [self.settings.queue_depth, time.time(), JOB_PREFIX, *add]
+
+    def dispatch(self, queues: Sequence[str]) -> int:
+        """Top up each broker queue of ``queues`` from its jobs' backlogs, round robin; returns how
+        many messages moved (one EVALSHA)."""
+        if not queues:
+            return 0
+        return int(self._script("dispatch", self._dispatch_keys(queues), self._dispatch_args()))
+
+    def enqueue(self, job_id: str, queue: str, batches: Iterable[Sequence[str]]) -> int:
+        """Append messages to the job's backlog, a pipelined batch at a time, each batch followed
+        by putting the job in ``queue``'s ring and a dispatch; returns how many were appended.  A
+        partial job's backlog lives as long as the job (like its other keys)."""
+        backlog = backlog_key(job_id)
+        ttl = int(self._call(self.r.pttl, job_key(job_id)))
+        count = 0
+        for batch in batches:
+            pipe = self.r.pipeline(transaction=False)
+            if batch:
+                pipe.rpush(backlog, *batch)
+                if ttl > 0:
+                    pipe.pexpire(backlog, ttl)
+            # after the RPUSH, in the same pipeline: a dispatch that finds the backlog empty and
+            # drops the job from the ring ran before it, and this puts the job back
+            self.scripts["dispatch"](
+                keys=self._dispatch_keys([queue]), args=self._dispatch_args([job_id]), client=pipe
+            )
+            self._call(pipe.execute)
+            count += len(batch)
+        return count
+
+    def backlog_length(self, job_id: str) -> int:
+        return int(self._call(self.r.llen, backlog_key(job_id)))
+
+    def ring(self, queue: str) -> list[str]:
+        """The jobs with chunks waiting for ``queue``, the next one served last in the list."""
+        return list(self._call(self.r.lrange, ring_key(queue), 0, -1))
+
+    def forget_backlog(self, job_id: str, queues: Sequence[str] = ()) -> None:
+        """Drop the job's unpublished messages and its place in the rings of ``queues`` (cancel,
+        expiry, delete); a dispatch drops a ring entry it finds ended anyway."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(backlog_key(job_id))
+        for queue in queues:
+            pipe.lrem(ring_key(queue), 0, job_id)
+        self._call(pipe.execute)
+
+    # --- who consumes a queue: the depth to keep ------------------------------------------------
+
+    def register_consumer(self, name: str, queues: Sequence[str], ttl: float) -> None:
+        """``name`` consumes ``queues`` for the next ``ttl`` seconds (sent with each heartbeat)."""
+        if not queues:
+            return
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            key = consumers_key(queue)
+            pipe.zadd(key, {name: now + ttl})
+            pipe.zremrangebyscore(key, "-inf", now)
+        self._call(pipe.execute)
+
+    def unregister_consumer(self, name: str, queues: Sequence[str]) -> None:
+        if not queues:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrem(consumers_key(queue), name)
+        self._call(pipe.execute)
