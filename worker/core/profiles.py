@@ -53,6 +53,12 @@ class EngineConfig(_Section):
     max_batch_tokens: Annotated[int, Field(gt=0)] = 65536
     """Cap on (padded prompt + new tokens) × batch size per micro-batch: bounds KV-cache memory."""
 
+    adapter_batching: Literal["grouped", "mixed"] = "grouped"
+    """Profiles with several adapters: ``grouped`` cuts micro-batches of one adapter each (peft's
+    plain unmerged forward per pass), ``mixed`` decodes rows of any adapters together, each through
+    its own (peft's per-row ``adapter_names``).  See docs/OPERATIONS.md, "Several adapters on one
+    base", for what each costs."""
+
 
 class NF4Config(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float16"] = "auto"

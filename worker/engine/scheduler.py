@@ -70,7 +70,7 @@ class Engine:
         self.forward = Forward(self.model, pad_id=int(self.tokenizer.pad_token_id))
         if len(loaded.adapters) > 1 and loaded.adapter == "unmerged":
             self.forward.router = AdapterRouter(self.model, list(loaded.adapters))
-        self.group_adapters = True
+        self.group_adapters = cfg.adapter_batching == "grouped"
         """Micro-batches of one adapter each, so every pass runs peft's plain unmerged forward
         (1.6–1.7× the tokens/s of mixing them on the tiny model: docs/OPERATIONS.md, "Several
         adapters on one base"); off: rows of any adapters decode together, each through its own."""

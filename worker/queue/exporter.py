@@ -10,7 +10,10 @@ Series (all gauges, read fresh at each scrape):
 
 * ``genq_store_up``: 1 when Redis answered this scrape, else 0 (and nothing else is reported);
 * ``genq_queue_depth{queue}``: chunk messages waiting in each ``genq.*`` queue (kombu's Redis
-  list; priority sub-lists are added to their queue), ``genq_chunks_unacked``: delivered to a
+  list; priority sub-lists are added to their queue), ``genq_queue_backlog{queue}``: chunk
+  messages still in the backlogs of the queue's jobs (the dispatcher moves them to the queue a few
+  at a time, round robin: the queue's own depth stays small, so this is the figure that shows work
+  waiting), ``genq_chunks_unacked``: delivered to a
   worker and not yet acknowledged (in flight, or held by a dead worker until redelivery);
 * ``genq_jobs{status}``: jobs in the index by status (``partial``/``stale`` as `genq status`
   shows them for the newest ``max_jobs``; the rest by their stored status);
@@ -32,7 +35,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.core.logs import get_logger
-from worker.store.keys import JOBS_INDEX, job_key
+from worker.store.keys import JOBS_INDEX, backlog_key, job_key, ring_key
 
 if TYPE_CHECKING:
     from worker.store import RedisStore
@@ -50,6 +53,7 @@ JOB = ("job", "profile")
 EXPORTER_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genq_store_up": ("1 when Redis answered this scrape, else 0", ()),
     "genq_queue_depth": ("Chunk messages waiting in the queue", ("queue",)),
+    "genq_queue_backlog": ("Chunk messages in the backlogs of the queue's jobs, not yet on it", ("queue",)),
     "genq_chunks_unacked": ("Chunk messages delivered to a worker and not yet acknowledged", ()),
     "genq_jobs": ("Jobs in the job index by status", ("status",)),
     "genq_job_items": ("Items of a job by count (total, succeeded, errored, ..., pending)", (*JOB, "count")),
@@ -90,6 +94,25 @@ def queue_depths(r: Any) -> dict[str, int]:
     return depths
 
 
+def queue_backlogs(r: Any) -> dict[str, int]:
+    """Messages in the backlogs of each queue's jobs (the jobs in its ring), per queue."""
+    rings = [str(k) for k in r.scan_iter(match=ring_key("*"), count=1000, _type="list")]
+    pipe = r.pipeline(transaction=False)
+    for ring in rings:
+        pipe.lrange(ring, 0, -1)
+    members = pipe.execute() if rings else []
+    pipe = r.pipeline(transaction=False)
+    for jobs in members:
+        for job_id in jobs:
+            pipe.llen(backlog_key(str(job_id)))
+    lengths = iter(pipe.execute() if any(members) else [])
+    prefix = len(ring_key(""))
+    return {
+        ring[prefix:]: sum(int(next(lengths)) for _ in jobs)
+        for ring, jobs in zip(rings, members, strict=True)
+    }
+
+
 class StoreCollector(Collector):
     """Reads the store at each scrape (nothing cached: a scrape sees Redis as it is)."""
 
@@ -120,6 +143,9 @@ class StoreCollector(Collector):
         depth = _family("genq_queue_depth")
         for queue, n in sorted(queue_depths(r).items()):
             depth.add_metric([queue], n)
+        backlog = _family("genq_queue_backlog")
+        for queue, n in sorted(queue_backlogs(r).items()):
+            backlog.add_metric([queue], n)
         unacked = _family("genq_chunks_unacked")
         unacked.add_metric([], int(r.hlen(UNACKED)))
 
@@ -155,7 +181,7 @@ class StoreCollector(Collector):
         )
         for labels, n in sorted(live.items()):
             workers.add_metric(list(labels), n)
-        yield from (depth, unacked, jobs, items, tokens, rate, eta, workers)
+        yield from (depth, backlog, unacked, jobs, items, tokens, rate, eta, workers)
 
 
 def serve(store: RedisStore, port: int, addr: str = "0.0.0.0", *, max_jobs: int = 20) -> Any:
