@@ -13,7 +13,7 @@ from pathlib import Path
 from producer.inputs import InputLimits
 from worker.core.errors import InputError
 from worker.core.profiles import Profile
-from worker.core.schema import GenParams
+from worker.core.schema import GenParams, unset_new_fields
 from worker.core.states import Priority, QueueMode
 
 
@@ -61,7 +61,7 @@ class SubmitOptions:
                 self.profile.name,
                 str(self.mode),
                 str(self.chunk_size),
-                self.params.model_dump_json(),
+                self.params.model_dump_json(exclude=unset_new_fields(params=self.params)),
                 self.system_prompt or "",
                 str(self.skip_invalid),
             ]

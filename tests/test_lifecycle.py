@@ -203,7 +203,7 @@ def test_interrupted_submit_is_resumed_by_the_same_command(server: RedisServer, 
     wait_for(lambda: int(r.hget(f"genq:job:{job_id}", "inputs_written") or 0) > 0, timeout=60, interval=0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and f"job {job_id} is partial" in err and "Traceback" not in err
+    assert proc.returncode == 130 and f"job {job_id} is partial" in err and "Traceback" not in err, err
     keys = job_keys(r, job_id)
     assert keys and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
     assert r.hget(f"genq:job:{job_id}", "status") == "submitting"

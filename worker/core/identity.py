@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from worker.core.profiles import Profile
-from worker.core.schema import GenParams, Item
+from worker.core.schema import GenParams, Item, unset_new_fields
 
 DIGEST_CHARS = 32
 """Hex characters kept of each SHA-256 (128 bits)."""
@@ -29,18 +29,22 @@ def job_context(profile: Profile, params: GenParams, system_prompt: str | None) 
         "adapter": profile.adapter,
         "adapter_revision": profile.adapter_revision,
         "tiny": profile.tiny,
-        "generation": profile.generation.model_dump(mode="json"),
+        "generation": _params_json(profile.generation),
     }
     if profile.adapters is not None:  # several adapters: each one, and which answers by default
         model["adapters"] = {k: v.model_dump(mode="json") for k, v in profile.adapters.items()}
         model["default_adapter"] = profile.default_adapter_name
-    blob = {"model": model, "params": params.model_dump(mode="json"), "system_prompt": system_prompt}
+    blob = {"model": model, "params": _params_json(params), "system_prompt": system_prompt}
     return json.dumps(blob, sort_keys=True, separators=(",", ":"))
+
+
+def _params_json(params: GenParams) -> dict[str, Any]:
+    return params.model_dump(mode="json", exclude=unset_new_fields(params=params))
 
 
 def item_digest(item: Item, context: str) -> str:
     """The digest of one item's request in ``context`` (see :func:`job_context`)."""
-    request = item.model_dump_json(exclude={"index", "line"})
+    request = item.model_dump_json(exclude={"index": True, "line": True, **unset_new_fields(item)})
     return hashlib.sha256(f"{context}\n{request}".encode()).hexdigest()[:DIGEST_CHARS]
 
 
