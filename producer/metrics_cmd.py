@@ -11,7 +11,7 @@ import time
 
 import click
 
-from worker.core.errors import GenqError
+from producer.cliutil import handle_errors
 
 SCRAPE_RETRY_SECONDS = 2.0
 """How long one scrape waits for a Redis that does not answer before reporting genq_store_up 0."""
@@ -27,6 +27,7 @@ SCRAPE_RETRY_SECONDS = 2.0
     show_default=True,
     help="Newest jobs given per-job series (items, tokens/s, ETA).",
 )
+@handle_errors
 def metrics(port: int, addr: str, max_jobs: int) -> None:
     """Serve queue depth, jobs by status, per-job items and ETA, and live workers on /metrics."""
     from worker.core.logs import configure, get_logger
@@ -41,9 +42,6 @@ def metrics(port: int, addr: str, max_jobs: int) -> None:
     try:
         store = RedisStore(settings=settings, retry_seconds=SCRAPE_RETRY_SECONDS)
         serve(store, port, addr, max_jobs=max_jobs)
-    except GenqError as exc:
-        click.echo(f"genq: error: {exc.message}", err=True)
-        raise SystemExit(2) from None
     except OSError as exc:
         click.echo(f"genq: error: cannot serve metrics on {addr}:{port}: {exc.strerror or exc}", err=True)
         raise SystemExit(2) from None
