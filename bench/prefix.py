@@ -1,7 +1,7 @@
 """Shared-prefix reuse: the same items through the engine with and without it, in one run.
 
     python -m bench.prefix [--json] [--items 256] [--system-tokens 400] [--question-tokens 30]
-                           [--new-tokens 32] [--tiny]
+                           [--new-tokens 32] [--repeat N] [--tiny] [--mixed]
 
 The workload a bulk job usually is: every item carries the same long system prompt (~400 tokens of
 instructions, as a job's ``system_prompt``, through the chat template) and a short question of its
@@ -10,8 +10,9 @@ it up (``build_engine``): without reuse (each row prefills its whole prompt) and
 system prompt's keys and values computed once, copied into each row).  Greedy, EOS ignored, so
 both runs generate exactly ``new-tokens`` per item, and the texts must be identical.
 
-``prefix_speedup`` = tok/s with reuse ÷ tok/s without.  With ``--json`` the last line is one JSON
-object.
+``prefix_speedup`` = tok/s with reuse ÷ tok/s without.  ``--mixed`` runs bench.engine's workload
+instead (no prefix shared): there the figure is what looking for prefixes costs (about 1.0).  With
+``--json`` the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, table
+from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
 from worker.core.schema import GenParams, Item
 
 
@@ -59,7 +60,7 @@ def workload(
     return system, items
 
 
-def timed(engine: Any, items: list[Item], system: str) -> tuple[float, list[Any]]:
+def timed(engine: Any, items: list[Item], system: str | None) -> tuple[float, list[Any]]:
     started = time.perf_counter()
     results = engine.generate(items, system_prompt=system)
     seconds = time.perf_counter() - started
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1, help="Interleaved rounds; the fastest of each is kept.")
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="bench.engine's workload instead (64 mixed prompts, no shared prefix, 64 new tokens): "
+        "what looking for prefixes costs where there are none.",
+    )
     args = ap.parse_args(argv)
 
     from worker.core.profiles import load_profile
@@ -90,9 +97,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loaded = load_model(profile, "fp32")
     engine = build_engine(loaded, worker="bench", ignore_eos=True)
     info = machine()
-    system, items = workload(
-        loaded.tokenizer, args.items, args.system_tokens, args.question_tokens, args.new_tokens
-    )
+    system: str | None
+    if args.mixed:
+        system, items = None, mixed_prompts(Path(), 64, 64)
+    else:
+        system, items = workload(
+            loaded.tokenizer, args.items, args.system_tokens, args.question_tokens, args.new_tokens
+        )
     prompts = [engine.prepare(it, system_prompt=system) for it in items]
     prompt_tokens = sum(len(p.ids) for p in prompts)
     print(
@@ -126,11 +137,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "prefix",
         **info,
         "model": profile.name,
+        "workload": "mixed" if args.mixed else "shared system prompt",
         "items": len(items),
         "prompt_tokens": prompt_tokens,
         "shared_prefix_tokens": shared,
         "prefixes_computed": engine.prefixes.misses,
-        "new_tokens": args.new_tokens,
+        "new_tokens": 64 if args.mixed else args.new_tokens,
         "batch_size": engine.max_batch_size,
         "no_reuse_tok_s": round(tokens / plain_s, 2),
         "reuse_tok_s": round(tokens / reuse_s, 2),
