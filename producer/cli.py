@@ -8,6 +8,7 @@ line naming what to fix and exit with status 2; an unreachable Redis is reported
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,12 @@ def _run_embedded(
 
     if mode not in tuple(LoadMode):
         raise InputError(f"unknown mode {mode!r} for an embedded run: choose auto, nf4 or fp32", field="mode")
-    configure()
+    settings = get_settings()
+    if "GENQ_LOG_LEVEL" not in os.environ:
+        # a terminal run: the progress bar and the summary say what matters; per-chunk events are
+        # a worker's log (GENQ_LOG_LEVEL=INFO shows them here too)
+        settings = settings.model_copy(update={"log_level": "WARNING"})
+    configure(settings)
     options = SubmitOptions(
         profile=load_profile(profile),
         chunk_size=chunk_size,
