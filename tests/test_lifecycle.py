@@ -168,6 +168,12 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
         srv.stop()
 
 
+def _default_sigint() -> None:
+    # a shell's background job ignores SIGINT, and Python then never turns it into Ctrl-C: give the
+    # child the disposition a terminal's foreground process has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def submit_proc(url: str, path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "submit", str(path), "--profile", PROFILE, *args],
@@ -176,6 +182,7 @@ def submit_proc(url: str, path: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
