@@ -44,71 +44,11 @@ from typing import Any
 import numpy as np
 
 from bench.fixtures import emit, machine, table
+from tests.schemas import SCHEMAS as TEST_SCHEMAS
 from worker.engine.constraints import PARALLEL_CPUS
 
-SCHEMAS: list[dict[str, Any]] = [
-    {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 12},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "smoker": {"type": "boolean"},
-        },
-        "required": ["name", "age", "smoker"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "label": {"enum": ["positive", "negative", "neutral"]},
-            "score": {"type": "number", "minimum": 0, "maximum": 1},
-        },
-        "required": ["label", "score"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "patient": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string", "maxLength": 8},
-                    "sex": {"enum": ["f", "m", "x"]},
-                },
-                "required": ["id", "sex"],
-                "additionalProperties": False,
-            },
-            "drugs": {
-                "type": "array",
-                "items": {"type": "string", "maxLength": 10},
-                "maxItems": 3,
-            },
-        },
-        "required": ["patient", "drugs"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "entities": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "text": {"type": "string", "maxLength": 16},
-                        "kind": {"enum": ["drug", "dose", "symptom"]},
-                        "negated": {"type": "boolean"},
-                    },
-                    "required": ["text", "kind", "negated"],
-                    "additionalProperties": False,
-                },
-                "maxItems": 4,
-            }
-        },
-        "required": ["entities"],
-        "additionalProperties": False,
-    },
-]
+SCHEMAS: list[dict[str, Any]] = list(TEST_SCHEMAS.values())
+"""The structured-output tests' four schemas (tests/schemas.py), measured as they are tested."""
 UNSUPPORTED = {"type": "string", "pattern": "(?<=a)b"}
 
 
