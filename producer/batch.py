@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.core.jobstate import JobState
+from worker.core.schema import Item
 from worker.core.states import JobStatus
 
 STATUS: dict[JobStatus, str] = {
@@ -30,10 +31,32 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+ENDPOINTS = {"responses": "/v1/responses", "anthropic": "/v1/messages", "completions": "/v1/completions"}
+
+
+def batch_endpoint(first: Item | None) -> str:
+    """The endpoint the job's requests were written for (its first item's API); a native job is
+    ``/v1/completions`` when it starts with a plain prompt, else ``/v1/chat/completions``."""
+    if first is None:
+        return "/v1/chat/completions"
+    api = first.api or ("completions" if first.prompt is not None else "chat")
+    return ENDPOINTS.get(api, "/v1/chat/completions")
+
+
+def completion_window(expires_at: float | None, created_at: float) -> str:
+    """OpenAI's ``completion_window``, always a string as its types require: the job's expiry
+    (``--expires-in``) in hours (``"24h"``) when whole, else in seconds (``"90s"``); ``"none"``
+    for a job that never expires."""
+    if expires_at is None:
+        return "none"
+    seconds = round(expires_at - created_at)
+    return f"{seconds // 3600}h" if seconds and seconds % 3600 == 0 else f"{seconds}s"
+
+
 def batch_object(state: JobState, files: dict[str, str | None], *, endpoint: str) -> dict[str, Any]:
     spec, counts = state.spec, state.counts
     ended = _ts(state.finished_at) if state.final else None
-    window = None if spec.expires_at is None else f"{round(spec.expires_at - spec.created_at)}s"
+    window = completion_window(spec.expires_at, spec.created_at)
     return {
         "id": spec.job_id,
         "object": "batch",

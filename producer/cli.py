@@ -27,8 +27,14 @@ from producer.cliutil import (
 )
 from producer.metrics_cmd import metrics
 from worker.core.errors import InputError
+from worker.core.outputs import OUTPUT_FORMATS
 from worker.core.schema import GenParams
 from worker.core.settings import get_settings
+
+FORMAT_HELP = (
+    "auto: each line in the shape of the API it was written for (native, OpenAI chat/completions/"
+    "Responses, Azure, Anthropic); native, openai or anthropic: every line in that shape."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,7 +162,9 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int, fmt: str)
 @cli.command()
 @click.argument("job_id")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(["native", "openai"]), default="native", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="auto", show_default=True, help=FORMAT_HELP
+)
 @click.option(
     "--all", "include_unfinished", is_flag=True, help="Also write cancelled and expired items as errors."
 )
@@ -197,7 +205,9 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, error
 @click.option("--job-id", default=None, help="With a broker: the job id (default: derived from FILE).")
 @click.option("--mode", default=None, help="Embedded: auto, nf4 or fp32.  With a broker: any, nf4 or fp32.")
 @click.option("--chunk-size", type=int, default=16, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["native", "openai"]), default="native", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="auto", show_default=True, help=FORMAT_HELP
+)
 @click.option("--skip-invalid", is_flag=True)
 @click.option("--adapter", default=None, help="One of the profile's adapters, for items that name none.")
 @param_options
@@ -269,7 +279,7 @@ def _run_embedded(
     system_prompt: str | None,
     adapter: str | None = None,
 ) -> None:
-    from producer.inputs import read_items
+    from producer.inputs import FILE_OUTPUT, read_items
     from producer.options import SubmitOptions, derived_job_id, input_limits
     from producer.progress import ProgressBar
     from worker.core.logs import configure
@@ -300,6 +310,8 @@ def _run_embedded(
         skip_invalid=skip_invalid,
         limits=input_limits(options.profile, adapter),
     )
+    if fmt == "auto":  # one dialect per file: the output file names its one shape
+        fmt = FILE_OUTPUT[read.format]
     spec = JobSpec(
         job_id=derived_job_id(file, options),
         profile=options.profile.name,
@@ -312,7 +324,15 @@ def _run_embedded(
     started = time.monotonic()
     bar = ProgressBar()
     try:
-        report = run_embedded(spec, read.items, output, fmt=fmt, mode=mode, on_progress=bar.update)  # type: ignore[arg-type]
+        report = run_embedded(
+            spec,
+            read.items,
+            output,
+            fmt=fmt,  # type: ignore[arg-type]
+            mode=mode,
+            on_progress=bar.update,
+            profile=options.profile,
+        )
     finally:
         bar.close()
     c = report.counts

@@ -117,12 +117,11 @@ class Job:
 
     def batch_object(self) -> dict[str, Any]:
         """This job as OpenAI's Batch object (:mod:`producer.batch`)."""
-        from producer.batch import batch_object
+        from producer.batch import batch_endpoint, batch_object
 
         store = self.client.store
         first = store.items(self.id, [0]) if store.spec(self.id).total else []
-        chat = not first or first[0].prompt is None
-        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        endpoint = batch_endpoint(first[0] if first else None)
         return batch_object(self.status(), store.output_files(self.id), endpoint=endpoint)
 
     def cancel(self) -> JobState:

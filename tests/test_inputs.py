@@ -280,12 +280,12 @@ NATIVE_CASES: list[Case] = [
         "is not an allowed field",
     ),
     (
-        "message_parts_refused_in_native",
-        lines(GOOD, json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})),
+        "image_part_refused_in_native",
+        lines(GOOD, json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})),
         DEFAULT,
         2,
-        "messages[0].content",
-        "must be a string",
+        "messages[0].content[0]",
+        "got a image_url part",
     ),
     (
         "no_user_message",

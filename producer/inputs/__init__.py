@@ -35,6 +35,7 @@ Decisions worth knowing:
 
 from producer.inputs.checks import InputLimits
 from producer.inputs.reader import (
+    FILE_OUTPUT,
     InputFormat,
     ItemStream,
     ReadResult,
@@ -46,6 +47,7 @@ from producer.inputs.reader import (
 from producer.inputs.words import translate
 
 __all__ = [
+    "FILE_OUTPUT",
     "InputFormat",
     "InputLimits",
     "ItemStream",

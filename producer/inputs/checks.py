@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from producer.inputs.requests import check_request, split_response_format
 from producer.inputs.words import Problem, describe, safe, show, translate
-from worker.core.schema import MAX_ID_LENGTH, GenParams, Message
+from worker.core.schema import MAX_ID_LENGTH, Api, GenParams, Message
 
 KNOWN_TYPOS: Mapping[str, str] = {
     "max_tokens": "max_new_tokens",
@@ -52,6 +52,8 @@ class Fields:
     messages: list[Message] | None
     params: GenParams
     adapter: str | None = None
+    api: Api | None = None
+    """The hosted API the line was written for (None: native)."""
 
 
 def check_keys(record: Mapping[Any, Any], allowed: frozenset[str], *, prefix: str) -> None:
@@ -128,14 +130,15 @@ def check_messages(value: object, field_name: str, *, allow_parts: bool) -> list
 
 
 def check_message(raw: object, field_name: str, *, allow_parts: bool) -> Message:
+    """One chat message; ``allow_parts``: the hosted APIs' forms too (the ``developer`` role read
+    as ``system``).  Content given as a list of text parts is joined in every format."""
     if not isinstance(raw, Mapping):
         raise Problem(f"must be an object with 'role' and 'content', not {describe(raw)}", field_name)
     data = dict(raw)
-    if allow_parts:
-        if data.get("role") == "developer":
-            data["role"] = "system"
-        if isinstance(data.get("content"), list):
-            data["content"] = join_text_parts(data["content"], f"{field_name}.content")
+    if allow_parts and data.get("role") == "developer":
+        data["role"] = "system"
+    if isinstance(data.get("content"), list):
+        data["content"] = join_text_parts(data["content"], f"{field_name}.content")
     try:
         message = Message.model_validate(data)
     except ValidationError as exc:
@@ -144,13 +147,29 @@ def check_message(raw: object, field_name: str, *, allow_parts: bool) -> Message
     return message
 
 
+TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+"""Text content parts: chat and Anthropic (``text``), Responses input (``input_text``) and an
+earlier answer fed back (``output_text``)."""
+MEDIA_PART_TYPES = frozenset(
+    {"image_url", "image", "input_image", "input_audio", "input_file", "file", "document", "audio"}
+)
+
+
 def join_text_parts(parts: list[Any], field_name: str) -> str:
-    """OpenAI content parts → one string; only ``{"type": "text", "text": str}`` parts."""
+    """Content parts → one string, joined with newlines; only text parts (``{"type": "text",
+    "text": str}`` and the Responses API's ``input_text``/``output_text``)."""
+    if not parts:
+        raise Problem("must not be an empty list of content parts", field_name)
     texts = []
     for i, part in enumerate(parts):
-        if not (
-            isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        ):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind in MEDIA_PART_TYPES:
+            raise Problem(
+                f"only text content parts are supported, got a {safe(str(kind))} part "
+                "(genq runs a text model)",
+                f"{field_name}[{i}]",
+            )
+        if not (isinstance(part, Mapping) and kind in TEXT_PART_TYPES and isinstance(part.get("text"), str)):
             raise Problem(
                 'only text content parts ({"type": "text", "text": "..."}) are supported, '
                 f"got {describe(part)}",

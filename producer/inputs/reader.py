@@ -3,24 +3,58 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from producer.ids import IdIndex
-from producer.inputs.checks import InputLimits, check_id
+from producer.inputs.anthropic import anthropic_fields
+from producer.inputs.checks import Fields, InputLimits, check_id
 from producer.inputs.lines import parse_line, read_lines
 from producer.inputs.native import native_fields
-from producer.inputs.openai import OPENAI_KEYS, openai_fields
+from producer.inputs.openai import AZURE_URLS, OPENAI_KEYS, RESPONSES_URL, azure_fields, openai_fields
+from producer.inputs.responses import responses_fields
 from producer.inputs.words import Problem, describe, safe, show, translate
 from worker.core.errors import InputError
-from worker.core.schema import ErrorInfo, Item
+from worker.core.schema import Api, ErrorInfo, Item
 
-InputFormat = Literal["native", "openai"]
+InputFormat = Literal["native", "openai", "azure", "responses", "anthropic"]
+"""A file's dialect: one per file."""
 
-FORMAT_NAMES: Mapping[str, str] = {"native": "native", "openai": "OpenAI batch"}
+FORMAT_NAMES: Mapping[str, str] = {
+    "native": "native",
+    "openai": "OpenAI batch",
+    "azure": "Azure OpenAI batch",
+    "responses": "OpenAI Responses batch",
+    "anthropic": "Anthropic Message Batches",
+}
+
+READERS: Mapping[str, Callable[[Mapping[Any, Any], InputLimits], Fields]] = {
+    "native": native_fields,
+    "openai": openai_fields,
+    "azure": azure_fields,
+    "responses": responses_fields,
+    "anthropic": anthropic_fields,
+}
+
+FILE_OUTPUT: Mapping[str, str] = {
+    "native": "native",
+    "openai": "openai",
+    "azure": "openai",
+    "responses": "openai",
+    "anthropic": "anthropic",
+}
+"""``--format auto`` for a whole file of one dialect: the output shape of its lines."""
+
+ERROR_API: Mapping[str, Api] = {
+    "openai": "chat",
+    "azure": "chat",
+    "responses": "responses",
+    "anthropic": "anthropic",
+}
+"""The API whose shape an invalid line of a dialect is answered in (``--skip-invalid``)."""
 
 
 @dataclass
@@ -173,7 +207,7 @@ class _Collector:
         if not isinstance(record, Mapping):
             raise Problem(f"must be a JSON object, not {describe(record)}")
         fmt = self._format_of(n, record)
-        fields = native_fields(record, self.limits) if fmt == "native" else openai_fields(record, self.limits)
+        fields = READERS[fmt](record, self.limits)
         item_id = fields.id if fields.id is not None else f"line-{n}"
         earlier = self.seen.line_of(item_id)
         if earlier is not None:
@@ -188,6 +222,7 @@ class _Collector:
                 messages=fields.messages,
                 params=fields.params,
                 adapter=fields.adapter,
+                api=fields.api,
             )
         except ValidationError as exc:  # pragma: no cover - everything was checked above
             raise translate(exc) from None
@@ -212,7 +247,8 @@ class _Collector:
         item_id = self._unique_id(_readable_id(record), n)
         where = f"line {n}" + (f", field '{problem.field}'" if problem.field else "")
         info = ErrorInfo(type=error.code, message=f"{where}: {problem.detail}")
-        item = Item(index=self.count, id=item_id, line=n, invalid=info)
+        api = ERROR_API.get(self.format) if self.format else None
+        item = Item(index=self.count, id=item_id, line=n, invalid=info, api=api)
         self.count += 1
         self.seen.add(item_id, n)
         self.invalid_count += 1
@@ -231,8 +267,13 @@ class _Collector:
 
 
 def _sniff(record: Mapping[Any, Any]) -> InputFormat | None:
+    if "params" in record:
+        return "anthropic"
     if not OPENAI_KEYS.isdisjoint(record):
-        return "openai"
+        url = record.get("url")
+        if url == RESPONSES_URL:
+            return "responses"
+        return "azure" if isinstance(url, str) and url in AZURE_URLS else "openai"
     if "prompt" in record or "messages" in record:
         return "native"
     return None

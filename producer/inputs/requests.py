@@ -36,10 +36,13 @@ def check_response_format(value: object, field: str) -> ResponseFormat:
         if spec is not None:
             raise Problem(f'is only allowed with "type": "json_schema", not {kind!r}', f"{field}.json_schema")
         return ResponseFormat(type=kind)
-    return ResponseFormat(type="json_schema", json_schema=_json_schema(spec, f"{field}.json_schema"))
+    return ResponseFormat(type="json_schema", json_schema=check_json_schema(spec, f"{field}.json_schema"))
 
 
-def _json_schema(spec: object, field: str) -> JsonSchemaSpec:
+def check_json_schema(spec: object, field: str) -> JsonSchemaSpec:
+    """``{"name", "schema", "strict", "description"}`` (chat's ``response_format.json_schema``, the
+    Responses API's ``text.format`` without its ``type``); a ``strict`` schema must say what
+    OpenAI's strict mode needs (:func:`strict_problem`)."""
     if not isinstance(spec, Mapping):
         got = "it is missing" if spec is None else f"got {describe(spec)}"
         raise Problem(
@@ -59,6 +62,10 @@ def _json_schema(spec: object, field: str) -> JsonSchemaSpec:
         problem = schema_problem(dict(schema))
         if problem is not None:
             raise Problem(problem, f"{field}.schema")
+        if spec.get("strict") is True:
+            found = strict_problem(schema, f"{field}.schema")
+            if found is not None:
+                raise Problem(*found)
     try:
         return JsonSchemaSpec.model_validate(dict(spec))
     except ValidationError as exc:
@@ -69,6 +76,46 @@ def _json_schema(spec: object, field: str) -> JsonSchemaSpec:
                 f"{field}.{first['loc'][0]}",
             ) from None
         raise translate(exc, prefix=f"{field}.") from None
+
+
+def strict_problem(schema: Mapping[str, Any], path: str) -> tuple[str, str] | None:
+    """What a schema lacks for OpenAI's strict mode, as (reason, field path), or None.
+
+    Strict mode means: the answer has exactly the properties the schema lists.  OpenAI refuses a
+    strict schema whose objects do not say so, and so does genq (rather than silently tightening
+    it): every object schema, at any depth, needs ``additionalProperties: false`` and every one
+    of its properties in ``required``."""
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object:
+        properties = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False:
+            return (
+                'strict mode needs "additionalProperties": false on every object (the answer has '
+                'exactly the listed properties); add it, or set "strict": false',
+                path,
+            )
+        required = schema.get("required") or []
+        missing = [str(k) for k in properties if k not in required]
+        if missing:
+            return (
+                f'strict mode needs every property in "required"; missing: {", ".join(missing)} (make an '
+                'optional one nullable: {"type": ["string", "null"]}), or set "strict": false',
+                path,
+            )
+    for key, value in schema.items():
+        children: list[tuple[str, object]] = []
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, Mapping):
+            children = [(f"{key}.{name}", sub) for name, sub in value.items()]
+        elif key in ("items", "additionalProperties", "not", "contains") and isinstance(value, Mapping):
+            children = [(key, value)]
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            children = [(f"{key}[{i}]", sub) for i, sub in enumerate(value)]
+        for where, sub in children:
+            if isinstance(sub, Mapping):
+                found = strict_problem(sub, f"{path}.{where}")
+                if found is not None:
+                    return found
+    return None
 
 
 def check_request(params: GenParams, max_n: int | None, name_of: Callable[[str], str]) -> None:

@@ -1,13 +1,19 @@
-"""Writing results: JSONL in the native form or the OpenAI batch output form.
+"""Writing results: JSONL in the native form, the OpenAI batch output form or Anthropic's.
 
+* auto (the default of `genq run` and `genq collect`): each line in the shape of the API its
+  request was written for (:attr:`Item.api`): native lines native, OpenAI and Azure lines
+  openai, Anthropic lines anthropic.
 * native: one :meth:`ItemResult.public` object per line.
 * openai: the shape of OpenAI Batch API output lines — ``{"id", "custom_id", "response",
-  "error"}``, where ``response.body`` is a ``chat.completion`` for chat items and a
+  "error"}``, where ``response.body`` is a ``response`` for Responses requests
+  (:func:`worker.core.shapes.response_body`), a ``chat.completion`` for chat items and a
   ``text_completion`` for prompt items (``chat.completion`` when the item is unknown), its
   ``model`` the base model and adapter that answered (``base:adapter``), its ``choices`` one per
   sample with logprobs in the endpoint's own shape (:mod:`worker.core.choices`).  Ids
   (``batch_req_…``, ``req_…``, ``chatcmpl-…``/``cmpl-…``) are derived from the item id, so the
   same results always give the same ids.
+* anthropic: Message Batches result lines, ``{"custom_id", "result"}``
+  (:func:`worker.core.shapes.anthropic_row`).
 
 All JSON is UTF-8 with ``ensure_ascii=False``, one object per line.  :func:`write_results` writes
 the whole file atomically; :func:`append_row` writes one line at a time for the embedded runner,
@@ -28,9 +34,11 @@ from typing import IO, Any, Literal
 from worker.core.choices import openai_choices
 from worker.core.errors import InputError, OutputPathError
 from worker.core.schema import Item, ItemResult
+from worker.core.shapes import anthropic_row, response_body
 from worker.core.states import CountField, ErrorCode
 
 __all__ = [
+    "OUTPUT_FORMATS",
     "OutputFormat",
     "append_row",
     "check_output_path",
@@ -38,12 +46,24 @@ __all__ = [
     "read_done",
     "result_row",
     "row_count_field",
+    "row_format",
     "trim_partial_line",
     "write_results",
     "write_split",
 ]
 
-OutputFormat = Literal["native", "openai"]
+OutputFormat = Literal["auto", "native", "openai", "anthropic"]
+OUTPUT_FORMATS: tuple[str, ...] = ("auto", "native", "openai", "anthropic")
+
+
+def row_format(item: Item | None, fmt: OutputFormat) -> OutputFormat:
+    """The shape of ``item``'s row: ``fmt``, or for ``auto`` the one of the item's own API."""
+    if fmt != "auto":
+        return fmt
+    api = item.api if item is not None else None
+    if api is None:
+        return "native"
+    return "anthropic" if api == "anthropic" else "openai"
 
 
 def result_row(
@@ -55,18 +75,25 @@ def result_row(
     created: int | None = None,
 ) -> dict[str, Any]:
     """One output line as a dict.  ``created`` (Unix seconds) defaults to now (openai only)."""
-    if fmt == "native":
+    shape = row_format(item, fmt)
+    if shape == "native":
         return result.public()
-    if fmt == "openai":
+    if shape == "openai":
         return _openai_row(
             result, item, model=model, created=int(time.time()) if created is None else created
         )
-    raise ValueError(f"unknown output format {fmt!r} (expected 'native' or 'openai')")
+    if shape == "anthropic":
+        return anthropic_row(result, _stable_hex(result.id), model=model)
+    raise ValueError(f"unknown output format {fmt!r} (expected one of {', '.join(OUTPUT_FORMATS)})")
 
 
 def row_count_field(row: dict[str, Any]) -> CountField:
     """The counter an output row stands for (the inverse of :func:`result_row`): native rows
-    carry ``status``, OpenAI rows an ``error`` (null when the request succeeded)."""
+    carry ``status``, OpenAI rows an ``error`` (null when the request succeeded), Anthropic rows
+    a ``result.type``."""
+    result = row.get("result")
+    if isinstance(result, dict) and "custom_id" in row:
+        return ANTHROPIC_COUNTS.get(result.get("type"), CountField.ERRORED)
     ok = row["status"] == "ok" if "status" in row else row.get("error") is None
     if ok:
         return CountField.SUCCEEDED
@@ -77,6 +104,13 @@ def row_count_field(row: dict[str, Any]) -> CountField:
     if code == ErrorCode.EXPIRED:
         return CountField.EXPIRED
     return CountField.ERRORED
+
+
+ANTHROPIC_COUNTS: dict[object, CountField] = {
+    "succeeded": CountField.SUCCEEDED,
+    "canceled": CountField.CANCELLED,
+    "expired": CountField.EXPIRED,
+}
 
 
 def write_results(
@@ -269,7 +303,10 @@ def _openai_row(result: ItemResult, item: Item | None, *, model: str, created: i
         message = error.message if error else "the item failed"
         row.update(response=None, error={"code": code, "message": message})
         return row
-    body = _openai_body(result, item, digest, model=model, created=created)
+    if item is not None and item.api == "responses":
+        body = response_body(result, item, digest, model=model, created=created)
+    else:
+        body = _openai_body(result, item, digest, model=model, created=created)
     row.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body}, error=None)
     return row
 

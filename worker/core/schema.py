@@ -32,9 +32,9 @@ REQUEST_FIELDS = frozenset(
     {"response_format", "logprobs", "top_logprobs", "n", "presence_penalty", "frequency_penalty"}
 )
 """GenParams fields of issue 14, left out of digests when unset (:func:`unset_new_fields`)."""
-RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices", "adapter"})
+RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices", "adapter", "stop_sequence"})
 """ItemResult fields of issue 14, left out of the JSON when unset."""
-ITEM_FIELDS = frozenset({"adapter"})
+ITEM_FIELDS = frozenset({"adapter", "api"})
 """Item fields of issue 15, left out of digests when unset (:func:`unset_new_fields`).
 
 Items and parameters have no custom serializer: a Python serializer per model costs a million-item
@@ -129,6 +129,11 @@ def _omit_none(data: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not (k in fields and v is None)}
 
 
+Api = Literal["chat", "completions", "responses", "anthropic"]
+"""The hosted API whose request a line was (OpenAI or Azure chat completions, completions, OpenAI
+Responses, Anthropic Messages): its answer is written in that API's shape (``--format auto``)."""
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: StrictStr
@@ -154,6 +159,8 @@ class Item(_Strict):
     adapter: StrictStr | None = None
     """The profile's adapter that answers this item, by name (the item's own ``adapter``, else the
     job's ``--adapter``, resolved at submit); None: the profile's default adapter."""
+    api: Api | None = None
+    """The hosted API the line was written for (None: a native line)."""
 
     @model_validator(mode="after")
     def _one_input(self) -> Item:
@@ -199,6 +206,9 @@ class ItemResult(_Strict):
     choices: list[Choice] | None = None
     """With ``n`` > 1: every sample; ``text``, ``finish_reason``, ``logprobs`` and ``json_valid``
     then describe sample 0 (for the Python API) and the native row carries only ``choices``."""
+    stop_sequence: str | None = None
+    """The stop string that ended the text (``finish_reason: stop`` by a stop string, not by the
+    end-of-sequence token); Anthropic's ``stop_reason: stop_sequence`` reports it."""
 
     @model_serializer(mode="wrap")
     def _omit_unset_request_fields(
@@ -216,7 +226,7 @@ class ItemResult(_Strict):
 
     def public(self) -> dict[str, Any]:
         """The native output row: what `genq collect` writes (no internal index)."""
-        row = self.model_dump(exclude={"index"}, exclude_none=True)
+        row = self.model_dump(exclude={"index", "stop_sequence"}, exclude_none=True)
         if self.status == "error":
             row.pop("text", None)
             row.pop("finish_reason", None)

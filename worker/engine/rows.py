@@ -13,7 +13,7 @@ from worker.core.errors import GenqError
 from worker.core.schema import ErrorInfo, Item, ItemResult, Usage, error_result
 from worker.core.states import FinishReason, ItemStatus, Mode
 from worker.engine.prompts import Prepared, Tokenizer
-from worker.engine.sampling import choose_tokens, make_generator, result_text, stop_reason
+from worker.engine.sampling import choose_tokens, make_generator, result_text, stop_reason, stop_string
 
 if TYPE_CHECKING:
     from worker.engine.shaping import RowExtras, Shaper
@@ -102,6 +102,9 @@ class Results:
         )
         row.finish = reason
         item = row.prep.item
+        stops = row.prep.params.stop
+        rules = self.rules
+        matched = stop_string(row.tokens, eos=rules.eos, stops=stops, decode=rules.decode) if stops else None
         shaper = self.rules.shaper
         extra = shaper.result_fields(row, text, reason) if shaper is not None else {}
         return ItemResult(
@@ -119,6 +122,7 @@ class Results:
             latency_ms=round(((row.done_at or time.perf_counter()) - row.started) * 1000, 2),
             model=self.models.get(row.prep.adapter or "", self.model),
             adapter=self.adapter(item, row.prep.adapter),
+            stop_sequence=matched,
             **extra,
         )
 

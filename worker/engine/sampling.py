@@ -108,3 +108,18 @@ def result_text(
             text = text[:cut]
             reason = FinishReason.STOP
     return text, reason
+
+
+def stop_string(
+    tokens: Sequence[int], *, eos: set[int] | frozenset[int], stops: Sequence[str] | None, decode: Decode
+) -> str | None:
+    """The stop string that ended a finished row: the one :func:`result_text` cut at first (None
+    when no stop string occurs: the end-of-sequence token or the budget ended it)."""
+    if not stops:
+        return None
+    ids = list(tokens)
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    text = decode(ids)
+    found = [(text.find(s), i, s) for i, s in enumerate(stops) if s in text]
+    return min(found)[2] if found else None
