@@ -57,7 +57,7 @@ def response_body(
         "type": "message",
         "role": "assistant",
         "status": "incomplete" if cut else "completed",
-        "content": [{"type": "output_text", "text": result.text or "", "annotations": [], "logprobs": []}],
+        "content": [{"type": "output_text", "text": result.text or "", "annotations": []}],
     }
     body: dict[str, Any] = {
         "id": f"resp_{digest}",
@@ -82,7 +82,7 @@ def response_body(
         "truncation": "disabled",
         "usage": {
             "input_tokens": usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
