@@ -103,7 +103,7 @@ def workers(as_json: bool) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--profile", required=True, help="Model profile (configs/NAME.yaml).")
+@click.option("--profile", required=True, help="Model profile: a name (configs/NAME.yaml) or a path.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.option("--skip-invalid", is_flag=True, help="Count bad lines as errored items instead of refusing.")
 @param_options
@@ -117,13 +117,14 @@ def estimate(file: Path, profile: str, as_json: bool, skip_invalid: bool, **kw: 
     system_prompt = kw.pop("system_prompt")
     params = job_params(kw)
     settings = get_settings()
+    chosen = load_profile(profile, settings)  # a name or a path: the fleet knows it by its name
     measured, live = [], []
     if settings.broker:
         c = client()
-        measured, live = c.store.throughputs(profile), c.workers()
+        measured, live = c.store.throughputs(chosen.name), c.workers()
     report = estimate_file(
         file,
-        load_profile(profile, settings),
+        chosen,
         settings,
         params=params,
         system_prompt=system_prompt,

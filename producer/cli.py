@@ -44,7 +44,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--profile", required=True, help="Model profile (configs/NAME.yaml).")
+@click.option("--profile", required=True, help="Model profile: a name (configs/NAME.yaml) or a path.")
 @click.option(
     "--job-id", default=None, help="Job id (default: derived from FILE's content, profile and options)."
 )
@@ -201,7 +201,7 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, error
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--profile", required=True)
+@click.option("--profile", required=True, help="Model profile: a name (configs/NAME.yaml) or a path.")
 @click.option("--job-id", default=None, help="With a broker: the job id (default: derived from FILE).")
 @click.option("--mode", default=None, help="Embedded: auto, nf4 or fp32.  With a broker: any, nf4 or fp32.")
 @click.option("--chunk-size", type=int, default=16, show_default=True)
