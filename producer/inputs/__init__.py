@@ -1,4 +1,5 @@
-"""Reading job inputs: JSONL in the native or the OpenAI batch format, with line-numbered errors.
+"""Reading job inputs: JSONL in the native format or a hosted API's batch format (OpenAI chat and
+completions, Azure OpenAI, OpenAI Responses, Anthropic Message Batches), with line-numbered errors.
 
 Two entry points share one validator (:mod:`.reader`):
 
@@ -8,7 +9,8 @@ Two entry points share one validator (:mod:`.reader`):
   position of the record.
 
 :func:`read_items` and :func:`items_from_records` are the same, read into a list.  The formats
-live in :mod:`.native` and :mod:`.openai`, the checks they share in :mod:`.checks`, line reading
+live in :mod:`.native`, :mod:`.openai` (and Azure), :mod:`.responses` and :mod:`.anthropic`, the
+rules for a hosted API's request body in :mod:`.bodies`, the checks they share in :mod:`.checks`, line reading
 in :mod:`.lines` and the wording of problems in :mod:`.words`.
 
 A submit validates the whole input before it publishes anything.  Without ``skip_invalid`` the first bad
@@ -19,9 +21,11 @@ its error is listed in :attr:`ReadResult.invalid`.
 
 Decisions worth knowing:
 
-* The format is decided by the first line that holds a JSON object; a later line that is clearly
-  of the other format is an error.  A line is "OpenAI" when it has any of ``custom_id``,
-  ``method``, ``url`` or ``body`` and "native" when it has ``prompt`` or ``messages``.
+* The format (one per file) is decided by the first line that holds a JSON object; a later line
+  that is clearly of another format is an error.  A line with ``params`` is Anthropic's; one with
+  any of ``custom_id``, ``method``, ``url`` or ``body`` is the Responses API's when ``url`` is
+  ``/v1/responses``, Azure's when it is ``/chat/completions`` or ``/completions``, else OpenAI's;
+  one with ``prompt`` or ``messages`` is native.
 * Blank (whitespace-only) lines are skipped; they still count for line numbers, not for indices.
 * One UTF-8 byte-order mark at the very start of the file is stripped; anywhere else it is
   invalid JSON.  ``NaN``/``Infinity``, duplicate keys in one object and unpaired surrogate escapes
@@ -29,8 +33,9 @@ Decisions worth knowing:
 * ``null`` for an optional field means "not set".
 * Every item id is unique.  An invalid line keeps its own id when it is readable and unused;
   otherwise it gets ``line-<n>`` (made unique if a real id already took that name).
-* OpenAI chat messages may use the ``developer`` role (read as ``system``) and text-only content
-  parts (joined with newlines); native lines must use plain strings.
+* Message content may be a list of text parts (joined with newlines) in every format; image,
+  audio and file parts are refused.  Hosted-API messages may use the ``developer`` role (read
+  as ``system``).
 """
 
 from producer.inputs.checks import InputLimits
