@@ -421,3 +421,28 @@ def test_profile_by_path_for_run_estimate_and_worker_check(tmp_path: Path) -> No
     )
     assert check.returncode == 0, check.stderr[-2000:]
     assert json.loads(check.stdout.splitlines()[-1])["sample"]["completion_tokens"] == 2
+
+
+def test_json_output_in_every_dialect_and_text_parts_in_native(tmp_path: Path) -> None:
+    """Anthropic's beta ``output_format`` reads like ``output_config.format``; the Responses API's
+    ``json_object`` like chat's; native messages take text parts like the hosted APIs."""
+    schema = SCHEMAS["label"]
+    beta = anthropic_line("a", {"messages": USER, "output_format": {"type": "json_schema", "schema": schema}})
+    ga = anthropic_line(
+        "a", {"messages": USER, "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    )
+    (x,) = read_items(write(tmp_path, [beta], "beta.jsonl")).items
+    (y,) = read_items(write(tmp_path, [ga], "ga.jsonl")).items
+    assert x.params == y.params and x.params.response_format is not None
+    assert x.params.response_format.target_schema() == schema
+    obj = responses_line("r", {"input": "x", "text": {"format": {"type": "json_object"}}})
+    (z,) = read_items(write(tmp_path, [obj], "obj.jsonl")).items
+    assert z.params.response_format is not None and z.params.response_format.type == "json_object"
+    native = {
+        "id": "n",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ],
+    }
+    (n,) = read_items(write(tmp_path, [native], "native.jsonl")).items
+    assert n.messages == [Message(role="user", content="a\nb")] and n.api is None
