@@ -421,6 +421,16 @@ def test_profile_by_path_for_run_estimate_and_worker_check(tmp_path: Path) -> No
     )
     assert check.returncode == 0, check.stderr[-2000:]
     assert json.loads(check.stdout.splitlines()[-1])["sample"]["completion_tokens"] == 2
+    prefetch = subprocess.run(
+        [sys.executable, "-m", "worker.main", "prefetch", "--profile", str(own)],
+        cwd=REPO,
+        env=env_for(None, **ONE_THREAD),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert prefetch.returncode == 0, prefetch.stderr[-2000:]
+    assert json.loads(prefetch.stdout.splitlines()[-1])["profile"] == "my-model"
 
 
 def test_json_output_in_every_dialect_and_text_parts_in_native(tmp_path: Path) -> None:
@@ -446,3 +456,20 @@ def test_json_output_in_every_dialect_and_text_parts_in_native(tmp_path: Path) -
     }
     (n,) = read_items(write(tmp_path, [native], "native.jsonl")).items
     assert n.messages == [Message(role="user", content="a\nb")] and n.api is None
+
+
+def test_stop_string_is_the_one_the_text_was_cut_at() -> None:
+    """Anthropic's ``stop_sequence``: the stop string whose first occurrence ends the text."""
+    from worker.core.states import FinishReason
+    from worker.engine.sampling import result_text, stop_string
+
+    def letters(ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    eos = frozenset({25})
+    tokens = [0, 1, 2, 3, 4, 25]  # "abcde" then the end-of-sequence token
+    assert stop_string(tokens, eos=eos, stops=["de", "bc", "x"], decode=letters) == "bc"
+    text, reason = result_text(tokens, FinishReason.STOP, eos=eos, stops=["de", "bc", "x"], decode=letters)
+    assert (text, reason) == ("a", FinishReason.STOP)
+    assert stop_string(tokens, eos=eos, stops=["x"], decode=letters) is None
+    assert stop_string(tokens, eos=eos, stops=None, decode=letters) is None
