@@ -70,7 +70,9 @@ def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Red
     from tests.tiers import unit_guard_on
 
     if unit_guard_on(request.config):
-        pytest.fail(f"{request.node.nodeid} asks for a redis-server in the unit tier (-m unit)")
+        pytest.fail(
+            f"{request.node.nodeid} asks for a redis-server in the unit tier (-m unit)", pytrace=False
+        )
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:

@@ -78,6 +78,10 @@ def test_hidden_spawn():
     getattr(__import__("sub" + "process"), "run")(["true"])
 
 
+def test_hidden_redis_server(request):
+    request.getfixturevalue("redis_server")
+
+
 def test_hidden_redis():
     import importlib
 
@@ -98,6 +102,7 @@ EXPECTED = {
     "test_loads_a_model": "model",
     "test_declared": "process",
     "test_hidden_spawn": "unit",  # the scan cannot see it: the guard below catches it
+    "test_hidden_redis_server": "unit",
     "test_hidden_redis": "unit",
 }
 
@@ -119,10 +124,11 @@ def test_each_test_gets_the_tier_of_what_it_uses(sample: pytest.Pytester) -> Non
 
 def test_the_unit_tier_fails_a_test_that_starts_a_process_or_talks_to_redis(sample: pytest.Pytester) -> None:
     result = sample.runpytest("-m", "unit", *QUIET)
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=1, failed=3)
     text = result.stdout.str()
     assert "test_hidden_spawn runs in the unit tier but started a process" in text
     assert "test_hidden_redis runs in the unit tier but connected to Redis" in text
+    assert "test_hidden_redis_server asks for a redis-server in the unit tier" in text
 
 
 @pytest.mark.process  # its sample test starts `true`
