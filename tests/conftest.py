@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers import RedisServer
 
+# Test tiers (unit, model, redis, process), decided per test from what it uses: tests/tiers.py.
+pytest_plugins = ["tests.tiers", "pytester"]
+
 # Every test (and every worker process a test starts) uses its own genq home, so no test depends
 # on what a previous run left in ~/.cache.
 _HOME = Path(
@@ -62,8 +65,14 @@ def loaded_nf4(tiny_profile):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """A fresh redis-server on a free port, append-only file on, in a temporary folder."""
+    from tests.tiers import unit_guard_on
+
+    if unit_guard_on(request.config):
+        pytest.fail(
+            f"{request.node.nodeid} asks for a redis-server in the unit tier (-m unit)", pytrace=False
+        )
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:

@@ -1,4 +1,4 @@
-"""The producer side and the schema never import torch."""
+"""The producer side runs without torch; an embedded run without Celery, kombu or the store."""
 
 from __future__ import annotations
 
@@ -7,18 +7,74 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-import pytest
+from tests.helpers import RedisServer, WorkerProcess, genq, rows, wait_for, write_prompts
+
+PROFILE = "tiny-random"
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["worker.core.schema", "worker.core.errors", "worker.core.settings", "worker.core.profiles", "producer"],
-)
-def test_no_torch(module: str) -> None:
-    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+# A Python in which torch and the model libraries cannot be imported, as on a submitting machine
+# that never installed them: a meta path finder, installed by sitecustomize, refuses them.
+NO_TORCH = """
+import sys
+
+BLOCKED = {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (this machine has no torch)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def no_torch_env(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(NO_TORCH)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def test_submit_status_collect_and_estimate_run_without_torch(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The producer's commands on a machine without torch, against a real Redis and a real worker
+    (which has torch): estimate, submit, status (one job and the list), collect."""
+    from worker.model.tiny import ensure_model
+
+    ensure_model()  # estimate reads the tiny model's files; building them the first time needs torch
+    env = no_torch_env(tmp_path / "no-torch")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert probe.returncode != 0 and "this machine has no torch" in probe.stderr, probe.stderr
+    url = redis_server.url
+    prompts = write_prompts(tmp_path / "in.jsonl", 6, max_new_tokens=3)
+
+    estimate = json.loads(genq(url, "estimate", str(prompts), "--profile", PROFILE, "--json", **env).stdout)
+    assert estimate["items"] == 6 and estimate["tokens"]["prompt"] > 0, estimate  # the tokenizer ran
+    job = genq(url, "submit", str(prompts), "--profile", PROFILE, **env).stdout.strip()
+    queued = json.loads(genq(url, "status", job, "--json", **env).stdout)
+    assert queued["counts"]["total"] == 6 and queued["status"] == "queued", queued
+    worker = WorkerProcess(url, tmp_path / "worker.log").start()
+    try:
+
+        def done() -> dict[str, Any] | None:
+            state = json.loads(genq(url, "status", job, "--json", **env).stdout)
+            return state if state["status"] == "completed" else None
+
+        finished = wait_for(done, timeout=180, interval=1, what="the job to complete")
+        assert finished["counts"]["succeeded"] == 6, finished
+    finally:
+        worker.stop()
+    assert job in genq(url, "status", **env).stdout
+    out = tmp_path / "out.jsonl"
+    genq(url, "collect", job, "-o", str(out), **env)
+    assert [r["id"] for r in rows(out)] == [f"p{i:04d}" for i in range(6)]
 
 
 def test_embedded_run_imports_neither_celery_nor_kombu(tmp_path: Path) -> None:
