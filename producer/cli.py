@@ -145,12 +145,29 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int, fmt: str)
             state = follow(job.status, pause=events.pause)
     else:
         state = job.status()
+    full = None if state.final else _redis_full(c)
     if as_json:
-        click.echo(json.dumps(state.as_dict()))
+        click.echo(json.dumps({**state.as_dict(), **({"redis_full": full} if full else {})}))
     else:
         click.echo(summary_line(state))
         for name, stats in sorted(state.workers.items()):
             click.echo(f"  {name}: {stats.get('items', 0)} items, {stats.get('tokens', 0)} tokens")
+        if full:
+            click.echo(f"  {full}")
+
+
+def _redis_full(c: Any) -> str | None:
+    """Why an unfinished job makes no progress when Redis is at its maxmemory (None: it is not)."""
+    from worker.store.connection import guarded
+    from worker.store.memory import ADVICE, redis_memory
+
+    memory = guarded(c.store.url_display, redis_memory, c.store.r)
+    if not memory.full:
+        return None
+    return (
+        f"Redis is at its maxmemory ({memory.describe()}): workers can neither take chunks nor "
+        f"record results until it has room; {ADVICE}"
+    )
 
 
 @cli.command()

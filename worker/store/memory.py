@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ class RedisMemory:
     def full(self) -> bool:
         return self.max > 0 and self.used >= FULL_FRACTION * self.max
 
+    @property
+    def refusing(self) -> bool:
+        """Whether Redis refuses writes now (``used_memory`` above ``maxmemory``)."""
+        return self.max > 0 and self.used > self.max
+
     def describe(self) -> str:
         limit = f"{self.max / 2**20:.1f} MiB" if self.max else "no limit"
         return f"used {self.used / 2**20:.1f} MiB of maxmemory {limit}"
@@ -53,6 +59,18 @@ def redis_memory(r: Any) -> RedisMemory:
     """Redis' ``INFO memory`` (a read: Redis answers it when full)."""
     info = r.info("memory")
     return RedisMemory(used=int(info.get("used_memory", 0)), max=int(info.get("maxmemory", 0)))
+
+
+def wait_for_room(r: Any, stop: Callable[[], bool], poll: float = 1.0) -> None:
+    """Until Redis takes writes again (or ``stop()``): handing a chunk back is a write too, and
+    one refused leaves the message in kombu's unacked hash until the visibility timeout."""
+    while not stop():
+        try:
+            if not redis_memory(r).refusing:
+                return
+        except Exception:  # unreachable now: the hand-back fails or not, as for any outage
+            return
+        time.sleep(poll)
 
 
 def is_full(exc: BaseException) -> bool:
