@@ -291,7 +291,6 @@ def _run_embedded(
     from producer.progress import ProgressBar
     from worker.core.logs import configure
     from worker.core.profiles import load_profile
-    from worker.core.schema import JobSpec
     from worker.core.states import LoadMode
     from worker.local import run_embedded
 
@@ -317,19 +316,19 @@ def _run_embedded(
         skip_invalid=skip_invalid,
         limits=input_limits(options.profile, adapter),
     )
-    spec = JobSpec(
-        job_id=derived_job_id(file, options),
-        profile=options.profile.name,
-        chunk_size=chunk_size,
-        total=len(read.items),
-        defaults=params,
-        system_prompt=system_prompt,
-        source=str(file),
-    )
+    spec = options.spec(derived_job_id(file, options), total=len(read.items), source=str(file))
     started = time.monotonic()
     bar = ProgressBar()
     try:
-        report = run_embedded(spec, read.items, output, fmt=fmt, mode=mode, on_progress=bar.update)  # type: ignore[arg-type]
+        report = run_embedded(
+            spec,
+            read.items,
+            output,
+            profile=options.profile,  # loaded once, above: the run and the model load use it
+            fmt=fmt,  # type: ignore[arg-type]
+            mode=mode,
+            on_progress=bar.update,
+        )
     finally:
         bar.close()
     c = report.counts

@@ -15,7 +15,7 @@ from worker.core.identity import item_digest, job_context
 from worker.core.jobstate import JobState
 from worker.core.logs import get_logger
 from worker.core.outputs import OutputFormat, check_output_path, read_done, row_count_field, trim_partial_line
-from worker.core.profiles import load_profile
+from worker.core.profiles import Profile
 from worker.core.schema import ChunkRef, Counts, Item, JobSpec
 from worker.core.settings import get_settings
 from worker.core.states import LoadMode
@@ -56,17 +56,18 @@ def run_embedded(
     items: list[Item],
     output: Path,
     *,
+    profile: Profile,
     fmt: OutputFormat = "native",
     mode: LoadMode | str = LoadMode.AUTO,
     on_progress: Callable[[JobState], None] | None = None,
     max_attempts: int = 3,
 ) -> EmbeddedReport:
     """Generate every item whose answer ``output`` does not already hold, appending results as
-    they finish; the output ends in input order, one row per item."""
+    they finish; the output ends in input order, one row per item.  ``profile`` is the job's
+    (``spec.profile``), as the caller loaded it: nothing here reads it again."""
     started = time.monotonic()
     log = get_logger(job=spec.job_id, worker=WORKER)
     check_output_path(output, inputs=[spec.source] if spec.source else [])
-    profile = load_profile(spec.profile)
     context = job_context(profile, spec.defaults, spec.system_prompt)
     digests = [(item, item_digest(item, context)) for item in items]
     trim_partial_line(output)
@@ -89,7 +90,7 @@ def run_embedded(
             store.on_record = lambda: on_progress(store.state())
             on_progress(store.state())
         if len(done) < len(items):
-            loaded_mode = _generate(spec, items, store, mode, max_attempts)
+            loaded_mode = _generate(spec, profile, items, store, mode, max_attempts)
     rewrite_rows(output, items, read_done(output))
     return EmbeddedReport(
         total=len(items),
@@ -105,13 +106,18 @@ def run_embedded(
 
 
 def _generate(
-    spec: JobSpec, items: list[Item], store: LocalStore, mode: LoadMode | str, max_attempts: int
+    spec: JobSpec,
+    profile: Profile,
+    items: list[Item],
+    store: LocalStore,
+    mode: LoadMode | str,
+    max_attempts: int,
 ) -> str:
     """Load the model and run every chunk with something left to do; returns the mode used."""
     from worker.engine import build_engine
     from worker.model.loading import load_model
 
-    loaded = load_model(load_profile(spec.profile), mode)
+    loaded = load_model(profile, mode)
     engine = build_engine(loaded, worker=WORKER)
     started, tokens_before = time.monotonic(), store.completion_tokens
     queue: deque[tuple[str, list[int]]] = deque(
