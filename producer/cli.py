@@ -151,12 +151,29 @@ def status(job_id: str | None, as_json: bool, watch: bool, limit: int, fmt: str)
             state = follow(job.status, pause=events.pause)
     else:
         state = job.status()
+    full = None if state.final else _redis_full(c)
     if as_json:
-        click.echo(json.dumps(state.as_dict()))
+        click.echo(json.dumps({**state.as_dict(), **({"redis_full": full} if full else {})}))
     else:
         click.echo(summary_line(state))
         for name, stats in sorted(state.workers.items()):
             click.echo(f"  {name}: {stats.get('items', 0)} items, {stats.get('tokens', 0)} tokens")
+        if full:
+            click.echo(f"  {full}")
+
+
+def _redis_full(c: Any) -> str | None:
+    """Why an unfinished job makes no progress when Redis is at its maxmemory (None: it is not)."""
+    from worker.store.connection import guarded
+    from worker.store.memory import ADVICE, redis_memory
+
+    memory = guarded(c.store.url_display, redis_memory, c.store.r)
+    if not memory.full:
+        return None
+    return (
+        f"Redis is at its maxmemory ({memory.describe()}): workers can neither take chunks nor "
+        f"record results until it has room; {ADVICE}"
+    )
 
 
 @cli.command()
@@ -284,7 +301,6 @@ def _run_embedded(
     from producer.progress import ProgressBar
     from worker.core.logs import configure
     from worker.core.profiles import load_profile
-    from worker.core.schema import JobSpec
     from worker.core.states import LoadMode
     from worker.local import run_embedded
 
@@ -312,15 +328,7 @@ def _run_embedded(
     )
     if fmt == "auto":  # one dialect per file: the output file names its one shape
         fmt = FILE_OUTPUT[read.format]
-    spec = JobSpec(
-        job_id=derived_job_id(file, options),
-        profile=options.profile.name,
-        chunk_size=chunk_size,
-        total=len(read.items),
-        defaults=params,
-        system_prompt=system_prompt,
-        source=str(file),
-    )
+    spec = options.spec(derived_job_id(file, options), total=len(read.items), source=str(file))
     started = time.monotonic()
     bar = ProgressBar()
     try:
@@ -328,10 +336,10 @@ def _run_embedded(
             spec,
             read.items,
             output,
+            profile=options.profile,  # loaded once, above: the run and the model load use it
             fmt=fmt,  # type: ignore[arg-type]
             mode=mode,
             on_progress=bar.update,
-            profile=options.profile,
         )
     finally:
         bar.close()

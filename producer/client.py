@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
@@ -23,7 +22,7 @@ from pydantic import SecretStr
 from producer.options import SubmitOptions, derived_job_id, new_job_id
 from producer.submit import Source, SubmitReport, Submitter
 from worker.chunks import make_chunks
-from worker.core.errors import ConfigError, InputError
+from worker.core.errors import ConfigError, InputError, JobNotFound
 from worker.core.jobstate import JobState
 from worker.core.profiles import load_profile
 from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
@@ -263,8 +262,8 @@ class Client:
 
         try:
             spec: JobSpec | None = self.store.spec(job_id)
-        except Exception:
-            spec = None
+        except (JobNotFound, ValueError):  # no such job, or a spec this genq cannot read: no
+            spec = None  # queues to drain.  A Redis outage raises: it is not "no such job"
         queues = [queue_name(spec.profile, m, spec.priority) for m in QueueMode] if spec else []
         backlog = self.store.backlog_length(job_id)
         self.store.forget_backlog(job_id, queues)
@@ -280,8 +279,3 @@ class Client:
             for state in found:
                 self.delete(state.spec.job_id)
         return found
-
-
-def default_output(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p.with_name(p.stem + ".results.jsonl")

@@ -13,7 +13,7 @@ from pathlib import Path
 from producer.inputs import InputLimits
 from worker.core.errors import InputError
 from worker.core.profiles import Profile
-from worker.core.schema import GenParams, unset_new_fields
+from worker.core.schema import GenParams, JobSpec, unset_new_fields
 from worker.core.states import Priority, QueueMode
 
 
@@ -52,6 +52,32 @@ class SubmitOptions:
             raise InputError(
                 f"max_new_tokens {mnt} is above the profile's limit of {limit}", field="max_new_tokens"
             )
+
+    def spec(
+        self,
+        job_id: str,
+        *,
+        total: int,
+        source: str | None = None,
+        input_digest: str = "",
+        source_fingerprint: str = "",
+    ) -> JobSpec:
+        """The job's spec: the one way a job is built from its options, for `genq submit` and
+        `genq run` (embedded or not) alike."""
+        return JobSpec(
+            job_id=job_id,
+            profile=self.profile.name,
+            mode=self.mode,
+            priority=self.priority,
+            chunk_size=self.chunk_size,
+            total=total,
+            defaults=self.params,
+            system_prompt=self.system_prompt,
+            expires_at=(time.time() + self.expires_in) if self.expires_in is not None else None,
+            input_digest=input_digest,
+            source=source,
+            source_fingerprint=source_fingerprint,
+        )
 
     def fingerprint(self) -> str:
         """What, besides the input's bytes, makes a different job (the expiry and the priority

@@ -22,7 +22,6 @@ Redis full: what was written is removed and the error names Redis' maxmemory.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,17 +101,9 @@ class Submitter:
     # --- inputs ----------------------------------------------------------------------------------
 
     def _spec(self, job_id: str, source: Source, *, total: int, digest: str) -> JobSpec:
-        o = self.options
-        return JobSpec(
-            job_id=job_id,
-            profile=o.profile.name,
-            mode=o.mode,
-            priority=o.priority,
-            chunk_size=o.chunk_size,
+        return self.options.spec(
+            job_id,
             total=total,
-            defaults=o.params,
-            system_prompt=o.system_prompt,
-            expires_at=(time.time() + o.expires_in) if o.expires_in is not None else None,
             input_digest=digest,
             source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
             source_fingerprint=self._fingerprint(source),

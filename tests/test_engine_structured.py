@@ -158,7 +158,7 @@ def test_unenforceable_schema_is_the_items_error(engine: Engine) -> None:
     )
     results = engine.generate([item(0, bad), item(1, max_new_tokens=3)])
     assert results[0].status == "error" and results[0].error is not None
-    assert results[0].error.type == "generation_error" and "look-around" in results[0].error.message
+    assert results[0].error.type == "invalid_input" and "look-around" in results[0].error.message
     assert results[1].status == "ok"
 
 

@@ -12,7 +12,9 @@
   (``results_written``: generated, written, dropped, the indices written and dropped, the
   delivery's attempt number), so work done twice can be counted from the workers' own events;
 * on shutdown the unfinished part is handed back (the delivery is not counted as an attempt);
-* an unexpected engine error splits the chunk the same way, so one item cannot sink its neighbours.
+* an engine error splits the chunk the same way, so one item cannot sink its neighbours, unless
+  the error classes say retrying may help (:func:`retry_may_help`: a transient error such as a
+  lost store), which ends the delivery for the chunk to run again.
 
 Chunks are numbered ranges of the input (:func:`chunk_range`); split children and retry rounds
 carry explicit index lists.  Nothing here imports torch, Redis or Celery: the stores and the
@@ -26,11 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.core.errors import GenqError, ShutdownRequested, StoreUnavailable
+from worker.core.errors import GenerationError, GenqError, ShutdownRequested, WorkerLost, retry_may_help
 from worker.core.logs import bind, get_logger, unbind
 from worker.core.observe import observer
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
-from worker.core.states import ChunkOutcome, ErrorCode, JobStatus
+from worker.core.states import ChunkOutcome, JobStatus
 
 ResultCallback = Callable[[list[ItemResult]], None]
 Publish = Callable[[JobSpec, dict[str, list[int]]], object]
@@ -248,12 +250,10 @@ def _past_cap(run: _Run, pending: list[int], attempts: int, publish: Publish) ->
     job_id, cid = run.ref.job_id, run.ref.chunk_id
     if len(pending) == 1:
         item = run.store.items(job_id, pending)[0]
+        died = WorkerLost(f"the worker process died {attempts - 1} times while generating this item")
         lost = error_result(
             item,
-            ErrorInfo(
-                type=ErrorCode.WORKER_LOST,
-                message=f"the worker process died {attempts - 1} times while generating this item",
-            ),
+            ErrorInfo(**died.to_dict()),
             profile=run.spec.profile,
             worker=run.worker,
             attempts=attempts - 1,
@@ -307,9 +307,9 @@ def _generate(
         run.store.undo_attempt(job_id, cid)
         run.log.info("chunk_handed_back", written=run.written)
         raise
-    except (GenqError, StoreUnavailable):
-        raise
     except Exception as exc:
+        if isinstance(exc, GenqError) and retry_may_help(exc):
+            raise  # transient (the store went away): the task hands the chunk back
         return _engine_failed(run, pending, exc, attempts, publish)
     finally:
         gen_seconds = time.perf_counter() - gen_started - run.store_seconds
@@ -331,15 +331,17 @@ def _generate(
 
 
 def _engine_failed(run: _Run, pending: list[int], exc: Exception, attempts: int, publish: Publish) -> Outcome:
-    """An unexpected engine failure: isolate it like a poison item, never drop the chunk."""
+    """An engine failure retrying will not cure: isolate it like a poison item, never drop the
+    chunk.  An item alone records the error (a genq error's own code, else ``generation_error``)."""
     job_id, cid = run.ref.job_id, run.ref.chunk_id
     still = run.store.pending_indices(job_id, pending)
     run.log.error("chunk_failed", error=f"{type(exc).__name__}: {exc}"[:500], pending=len(still))
     if len(still) <= 1:
+        err = exc if isinstance(exc, GenqError) else GenerationError(f"{type(exc).__name__}: {exc}"[:1000])
         errs = [
             error_result(
                 it,
-                ErrorInfo(type=ErrorCode.GENERATION_ERROR, message=f"{type(exc).__name__}: {exc}"[:1000]),
+                ErrorInfo(**err.to_dict()),
                 profile=run.spec.profile,
                 worker=run.worker,
                 attempts=attempts,

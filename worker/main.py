@@ -5,7 +5,7 @@ Commands:
 * ``genq-worker start --profile P [--mode auto|nf4|fp32] [--concurrency N]``
 * ``genq-worker check --profile P [--mode ...]`` — load, generate one sample, print one JSON line
 * ``genq-worker prefetch --profile P`` — download only what the profile needs; print sizes
-* ``genq-worker queues --profile P --mode M`` — the queue names, for ``celery -A worker.app worker -Q``
+* ``genq-worker queues --profile P --mode M`` — the queue names, for ``celery -A worker.queue.app worker -Q``
 * ``genq-worker facts`` — what this machine can do
 """
 

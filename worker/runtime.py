@@ -168,7 +168,12 @@ class Runtime:
             if measured is not None:
                 self.store.record_throughput(measured)
         except Exception as exc:  # a missed heartbeat must never stop the work
-            self.log.warning("heartbeat_failed", error=str(exc)[:200])
+            from worker.store.memory import full_notice, is_full
+
+            if is_full(exc):  # Redis at maxmemory: one line a minute says so, for every part
+                full_notice().report(self.store.r, self.store.url_display, self.log, exc)
+            else:
+                self.log.warning("heartbeat_failed", error=str(exc)[:200])
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is not None or not self.settings.broker:

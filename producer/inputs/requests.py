@@ -1,4 +1,4 @@
-"""Checks of the OpenAI request fields beyond plain sampling (issue 14), for both input formats:
+"""Checks of the OpenAI request fields beyond plain sampling, for both input formats:
 ``response_format`` (its shape, then whether its schema can be enforced), ``n`` against the
 profile's limit, ``top_logprobs`` only with ``logprobs``."""
 

@@ -5,21 +5,33 @@ Two branches, and the branch decides what happens:
 * :class:`PermanentError` — retrying cannot help (bad input, unknown profile, a prompt longer
   than the context).  Item-level ones become the ``error`` object of that item's result; job-level
   ones refuse the job or stop the worker with a message naming what to fix.
-* :class:`TransientError` — the same call may succeed later (lost connection, out of memory).
-  They are retried; an item only records one when retrying is exhausted.
+* :class:`TransientError` — the same call may succeed later (lost connection, out of memory, a
+  worker that died, an engine failure outside the item's input).  They are retried; an item only
+  records one when retrying is exhausted, and ``genq retry`` runs such an item again.
 
 Every error has a stable ``code`` (snake_case), which is what results carry as ``error.type``.
+:func:`retry_may_help` maps a code back to its class: it is the one retry rule, followed by the
+chunk runner (a transient error hands the chunk back, anything else is isolated and recorded) and
+by ``genq retry`` (:func:`worker.core.counting.retryable`).
 """
 
 from __future__ import annotations
 
 from worker.core.states import ErrorCode
 
+_BY_CODE: dict[str, type[GenqError]] = {}
+"""Each code, and the class that declares it (subclasses that keep their parent's code share it)."""
+
 
 class GenqError(Exception):
     """Base of every error genq raises on purpose."""
 
     code: ErrorCode = ErrorCode.GENQ_ERROR
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            _BY_CODE[cls.code] = cls
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -123,25 +135,22 @@ class ContextLengthExceeded(PermanentError):
     code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
 
 
-class GenerationError(PermanentError):
+# --- transient -----------------------------------------------------------------------------
+
+
+class GenerationError(TransientError):
+    """The engine failed on this item for a reason outside its input (an unexpected exception,
+    isolated by splitting its chunk); another worker or a later run may pass.  A problem with the
+    item itself is an :class:`InputError` or :class:`ContextLengthExceeded`."""
+
     code = ErrorCode.GENERATION_ERROR
 
 
-class WorkerLost(PermanentError):
-    """The item kept killing the worker processes that took it."""
+class WorkerLost(TransientError):
+    """The item kept killing the worker processes that took it (past the attempt cap); a worker
+    with more memory, or a later run, may pass."""
 
     code = ErrorCode.WORKER_LOST
-
-
-class Cancelled(PermanentError):
-    code = ErrorCode.CANCELLED
-
-
-class Expired(PermanentError):
-    code = ErrorCode.EXPIRED
-
-
-# --- transient -----------------------------------------------------------------------------
 
 
 class OutOfMemory(TransientError):
@@ -166,3 +175,16 @@ class ShutdownRequested(TransientError):
     """The worker was asked to stop; the unfinished part of the chunk is handed back."""
 
     code = ErrorCode.SHUTDOWN_REQUESTED
+
+
+_BY_CODE[GenqError.code] = GenqError
+
+
+def retry_may_help(error: str | GenqError) -> bool:
+    """The one retry rule: whether running again may pass, for an error or the code an item's
+    result carries.  A :class:`PermanentError` code: no.  A :class:`TransientError` code, or a code
+    no class declares (an older genq's results): yes, retrying only costs time."""
+    if isinstance(error, GenqError):
+        return not isinstance(error, PermanentError)
+    cls = _BY_CODE.get(error)
+    return cls is None or not issubclass(cls, PermanentError)

@@ -31,11 +31,14 @@ MAX_STOP_SEQUENCES = 16
 REQUEST_FIELDS = frozenset(
     {"response_format", "logprobs", "top_logprobs", "n", "presence_penalty", "frequency_penalty"}
 )
-"""GenParams fields of issue 14, left out of digests when unset (:func:`unset_new_fields`)."""
+"""GenParams fields added after the first stored jobs (the OpenAI request fields beyond plain
+sampling), left out of digests when unset (:func:`unset_new_fields`)."""
 RESULT_FIELDS = frozenset({"model", "logprobs", "json_valid", "choices", "adapter", "stop_sequence"})
-"""ItemResult fields of issue 14, left out of the JSON when unset."""
+"""ItemResult fields added after the first stored jobs (model, adapter and the OpenAI request
+fields' outputs), left out of the JSON when unset."""
 ITEM_FIELDS = frozenset({"adapter", "api"})
-"""Item fields of issue 15, left out of digests when unset (:func:`unset_new_fields`).
+"""Item fields added after the first stored jobs (the adapter, the API of its line), left out of
+digests when unset (:func:`unset_new_fields`).
 
 Items and parameters have no custom serializer: a Python serializer per model costs a million-item
 submit seconds (4.8 µs an item against 1), and one running when Ctrl-C lands turns the
@@ -58,7 +61,7 @@ class GenParams(_Strict):
     seed: StrictInt | None = None
     stop: list[StrictStr] | None = None
 
-    # --- OpenAI request fields (issue 14; worker/core/structured.py) ---------------------------
+    # --- OpenAI request fields beyond sampling (worker/core/structured.py) ---------------------
     response_format: ResponseFormat | None = None
     """JSON output enforced while decoding (``json_object`` or ``json_schema``)."""
     logprobs: StrictBool | None = None
@@ -191,7 +194,7 @@ class ItemResult(_Strict):
     latency_ms: float | None = None
     error: ErrorInfo | None = None
 
-    # --- OpenAI request fields (issue 14; worker/core/structured.py) ---------------------------
+    # --- OpenAI request fields beyond sampling (worker/core/structured.py) ---------------------
     model: str | None = None
     """The base model that answered, with its adapter (``base:adapter``)."""
     logprobs: list[TokenLogprob] | None = None

@@ -53,7 +53,7 @@ autotune       the batch-size search (pure), decode timing and its JSON cache
 memory         recognising out-of-memory errors
 cpu            packed linear weights, thread count (applied by :func:`build_engine`, not the engine)
 faults         TEST ONLY fault injection, installed by :func:`build_engine` when a switch is set
-build          :func:`build_engine` (what a worker runs) and :func:`generate`
+build          :func:`build_engine`: the engine a worker runs
 constraints    JSON schemas enforced while decoding: llguidance matchers per row, masks per batch
 shaping        between logits and token: penalties, the constraint, logprobs (hooked into rows)
 samples        ``n`` > 1: one row per sample, results merged into ``choices``
@@ -62,7 +62,7 @@ requests       attaches the above to an engine
 """
 
 from worker.engine.autotune import pick_batch_size, search_batch_sizes
-from worker.engine.build import build_engine, generate
+from worker.engine.build import build_engine
 from worker.engine.cpu import PACKED_MAX_ROWS, PackedLinear, pack_linear_weights, packed_crossover
 from worker.engine.prompts import Prepared
 from worker.engine.scheduler import Engine
@@ -75,7 +75,6 @@ __all__ = [
     "Prepared",
     "SlotCache",
     "build_engine",
-    "generate",
     "pack_linear_weights",
     "packed_crossover",
     "pick_batch_size",

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from worker.core.schema import GenParams, Item, ItemResult
 from worker.core.settings import Settings, get_settings
 from worker.engine.cpu import prepare_cpu
 from worker.engine.faults import FaultyEngine, faults_enabled
@@ -42,14 +39,3 @@ def build_engine(
     if autotune and max_batch_size is None and loaded.profile.engine.max_batch_size == "auto":
         engine.autotune()
     return engine
-
-
-def generate(
-    loaded: Loaded,
-    items: Sequence[Item],
-    *,
-    job_params: GenParams | None = None,
-    system_prompt: str | None = None,
-) -> list[ItemResult]:
-    """One-shot convenience: ``Engine(loaded).generate(items)``."""
-    return Engine(loaded).generate(items, job_params=job_params, system_prompt=system_prompt)

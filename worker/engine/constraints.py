@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.core.errors import GenerationError
+from worker.core.errors import InputError
 from worker.core.grammar import grammar_for
 from worker.core.logs import get_logger
 from worker.core.structured import ResponseFormat
@@ -115,9 +115,9 @@ class Constraints:
         try:
             matcher = llguidance.LLMatcher(self.tokenizer, grammar_for(fmt), log_level=0)
         except Exception as exc:  # llguidance refuses some inputs by raising
-            raise GenerationError(f"response_format cannot be enforced: {exc}") from None
+            raise InputError(f"cannot be enforced: {exc}", field="response_format") from None
         if matcher.is_error():  # submit checks every schema, so only a hand-made item gets here
-            raise GenerationError(f"response_format cannot be enforced: {matcher.get_error()}")
+            raise InputError(f"cannot be enforced: {matcher.get_error()}", field="response_format")
         with self._lock:
             self._compiled[key] = matcher
             self.compiles += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.core.errors import ContextLengthExceeded, GenerationError
+from worker.core.errors import ContextLengthExceeded, InputError
 from worker.core.schema import GenParams, Item, chat_messages
 
 
@@ -66,13 +66,13 @@ class Prompts:
     ) -> Prepared:
         """``item`` tokenised, its parameters resolved (item, then job, then profile), its token
         budget cut to the context.  Raises :class:`ContextLengthExceeded` or
-        :class:`GenerationError` for an item that cannot run."""
+        :class:`InputError` for an item that cannot run."""
         params = item.params.over(job_params or GenParams()).over(self.defaults)
         text, templated = self.render(item, system_prompt)
         ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
         context = self.context_length
         if not ids:
-            raise GenerationError("the prompt is empty after tokenisation")
+            raise InputError("the prompt is empty after tokenisation", field="prompt")
         if len(ids) >= context:
             raise ContextLengthExceeded(
                 f"the prompt has {len(ids)} tokens; the context of {self.profile} is {context} "

@@ -1,4 +1,5 @@
-"""What an engine needs for the OpenAI request fields of issue 14, attached in one call."""
+"""What an engine needs for the OpenAI request fields beyond plain sampling (structured output,
+logprobs, ``n``, penalties), attached in one call."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class Shaper:
 
     def check(self, params: GenParams) -> None:
         """Compile (or find) the row's schema before it runs: a schema no worker can enforce
-        (only a hand-made item gets one past submit) raises GenerationError for that item."""
+        (only a hand-made item gets one past submit) raises InputError for that item."""
         fmt = params.response_format
         if fmt is not None and fmt.constrained:
             self.constraints.compiled(fmt)

@@ -15,7 +15,7 @@ from worker.core.identity import item_digest, job_context
 from worker.core.jobstate import JobState
 from worker.core.logs import get_logger
 from worker.core.outputs import OutputFormat, check_output_path, read_done, row_count_field, trim_partial_line
-from worker.core.profiles import Profile, load_profile
+from worker.core.profiles import Profile
 from worker.core.schema import ChunkRef, Counts, Item, JobSpec
 from worker.core.settings import get_settings
 from worker.core.states import LoadMode
@@ -56,19 +56,18 @@ def run_embedded(
     items: list[Item],
     output: Path,
     *,
+    profile: Profile,
     fmt: OutputFormat = "native",
     mode: LoadMode | str = LoadMode.AUTO,
     on_progress: Callable[[JobState], None] | None = None,
     max_attempts: int = 3,
-    profile: Profile | None = None,
 ) -> EmbeddedReport:
     """Generate every item whose answer ``output`` does not already hold, appending results as
-    they finish; the output ends in input order, one row per item.  ``profile``: the profile
-    already read (one given by path, outside ``configs/``); default: ``spec.profile`` by name."""
+    they finish; the output ends in input order, one row per item.  ``profile`` is the job's
+    (``spec.profile``), as the caller loaded it: nothing here reads it again."""
     started = time.monotonic()
     log = get_logger(job=spec.job_id, worker=WORKER)
     check_output_path(output, inputs=[spec.source] if spec.source else [])
-    profile = profile or load_profile(spec.profile)
     context = job_context(profile, spec.defaults, spec.system_prompt)
     digests = [(item, item_digest(item, context)) for item in items]
     trim_partial_line(output)

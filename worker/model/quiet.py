@@ -12,6 +12,11 @@ SILENCED = {
         "optional `kernels` package and warns when it is absent; genq never downloads code at run "
         "time and bitsandbytes falls back to its own CPU kernels"
     ),
+    "kernels._internals.hf_hub": (
+        "offline (HF_HUB_OFFLINE), `kernels` logs 'Skipping publisher trust check' for the kernel "
+        "bitsandbytes asks it for, at every start: it was checked when it entered the cache, and "
+        "a worker never downloads code"
+    ),
     "transformers.tokenization_utils_base": (
         "'Token indices sequence length is longer than the specified maximum': genq checks every "
         "prompt against the profile's context itself and records context_length_exceeded"

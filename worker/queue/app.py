@@ -8,6 +8,7 @@ importing this package.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from celery import Celery
@@ -18,8 +19,25 @@ from worker.queue.redelivery import transport_options
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
+def quiet_celery() -> None:
+    """Celery's warnings that tell a genq operator nothing to do (printed as multi-line blocks):
+
+    * SecurityWarning "running the worker with superuser privileges": root is the norm in a
+      container, and the danger it warns of is executing pickled messages; genq accepts JSON only
+      (below), which is why Celery only warns instead of refusing to start;
+    * CPendingDeprecationWarning on each lost connection, about the default of
+      ``worker_cancel_long_running_tasks_on_connection_loss`` changing in Celery 6: genq sets it."""
+    from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
+
+    warnings.filterwarnings("ignore", message=r".*superuser privileges", category=SecurityWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"\s*In Celery 5.1 we introduced", category=CPendingDeprecationWarning
+    )
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    quiet_celery()
     app = Celery("genq", broker=settings.broker or DEFAULT_BROKER, include=["worker.queue.task"])
     options = transport_options(settings)
     # BRPOP names the worker's queues in the order given (worker_queues: high, normal, low) and
@@ -55,6 +73,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,
         task_default_queue="genq.default",
         task_create_missing_queues=True,
+        # Celery's consumer, waiting (and saying so once a minute) while Redis is at maxmemory
+        worker_consumer="worker.queue.consumer:Consumer",
         broker_pool_limit=4,
     )
     return app

@@ -21,7 +21,12 @@ Series (all gauges, read fresh at each scrape):
   succeeded, errored, cancelled, expired, pending), ``genq_job_completion_tokens``,
   ``genq_job_tokens_per_second``, ``genq_job_eta_seconds`` (only while it can be estimated) —
   the same figures as ``genq status JOB`` (:class:`worker.core.jobstate.JobState`);
-* ``genq_workers{profile,mode,device}``: live workers (fresh heartbeats).
+* ``genq_workers{profile,mode,device}``: live workers (fresh heartbeats);
+* ``genq_redis_used_memory_bytes``, ``genq_redis_max_memory_bytes`` (0: no limit): Redis refuses
+  every write at its maxmemory, and work stops until it has room (the shipped alert fires first).
+
+When Redis does not answer, a scrape has ``genq_store_up 0`` and no other series: never a 0 that
+would read as "nothing queued" or "no jobs".
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from worker.core.logs import get_logger
 from worker.store.keys import JOBS_INDEX, backlog_key, job_key, ring_key
+from worker.store.memory import redis_memory
 
 if TYPE_CHECKING:
     from worker.store import RedisStore
@@ -61,6 +67,8 @@ EXPORTER_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genq_job_tokens_per_second": ("A job's completion tokens per second since it started", JOB),
     "genq_job_eta_seconds": ("Seconds until a job is done at its rate so far (absent: unknown)", JOB),
     "genq_workers": ("Live workers by profile, mode and device", ("profile", "mode", "device")),
+    "genq_redis_used_memory_bytes": ("Redis' used_memory", ()),
+    "genq_redis_max_memory_bytes": ("Redis' maxmemory (0: no limit); at it, writes are refused", ()),
 }
 
 
@@ -181,7 +189,11 @@ class StoreCollector(Collector):
         )
         for labels, n in sorted(live.items()):
             workers.add_metric(list(labels), n)
-        yield from (depth, backlog, unacked, jobs, items, tokens, rate, eta, workers)
+        memory = redis_memory(r)
+        used, limit = _family("genq_redis_used_memory_bytes"), _family("genq_redis_max_memory_bytes")
+        used.add_metric([], memory.used)
+        limit.add_metric([], memory.max)
+        yield from (depth, backlog, unacked, jobs, items, tokens, rate, eta, workers, used, limit)
 
 
 def serve(store: RedisStore, port: int, addr: str = "0.0.0.0", *, max_jobs: int = 20) -> Any:

@@ -16,13 +16,14 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
 from worker.chunks import process_chunk
-from worker.core.errors import JobNotFound, ShutdownRequested, StoreUnavailable
+from worker.core.errors import JobNotFound, ShutdownRequested, TransientError
 from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
 from worker.queue.publish import publish_chunks
 from worker.queue.routing import TASK_NAME, worker_queues
 from worker.runtime import Runtime, get_runtime
+from worker.store.memory import full_notice, is_full, wait_for_room
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -77,9 +78,13 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
         )
     except ShutdownRequested:
         raise Reject("worker shutting down: chunk handed back", requeue=True) from None
-    except StoreUnavailable as exc:
-        log.warning("store_unavailable", error=str(exc))
-        raise Reject("job store unreachable: chunk handed back", requeue=True) from None
+    except TransientError as exc:  # retrying may help (the store went away or is full): run it again
+        if is_full(exc):  # say so (once a minute), and hand back only once Redis can take it
+            full_notice().report(store.r, store.url_display, log, exc)
+            wait_for_room(store.r, runtime.stop_event.is_set)
+        else:
+            log.warning(str(exc.code), error=str(exc))
+        raise Reject(f"{exc.code}: chunk handed back", requeue=True) from None
     finally:
         runtime.stats.current = None
     runtime.stats.chunks += 1

@@ -8,9 +8,9 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 
-from worker.chunks import chunk_count, chunk_id, chunk_number, chunk_range
+from worker.chunks import chunk_number, chunk_range
 from worker.core.errors import JobNotFound
-from worker.store.keys import PAGE, job_key
+from worker.store.keys import job_key
 from worker.store.results import ResultStore
 
 
@@ -88,18 +88,3 @@ class ChunkRecords(ResultStore):
             worker, _, since = value.rpartition("|")
             out[cid] = (worker, float(since or 0))
         return out
-
-    def live_running(self, job_id: str) -> set[str]:
-        """Chunks a worker started within the visibility timeout (older entries are a dead
-        worker's: its message comes back to the queue)."""
-        horizon = time.time() - self.settings.visibility_timeout
-        return {cid for cid, (_, since) in self.running(job_id).items() if since >= horizon}
-
-    def plain_chunks(self, total: int, size: int) -> Iterator[list[tuple[str, list[int]]]]:
-        """Pages of ``(chunk id, indices)`` for every plain chunk of a job of ``total`` items."""
-        count = chunk_count(total, size)
-        for start in range(0, count, PAGE):
-            yield [
-                (chunk_id(n), list(chunk_range(n, total, size)))
-                for n in range(start, min(start + PAGE, count))
-            ]

@@ -19,9 +19,6 @@ COUNT_FIELDS = tuple(CountField)
 
 
 class JobStore(ChunkRecords):
-    def job_exists(self, job_id: str) -> bool:
-        return bool(self._call(self.r.exists, job_key(job_id)))
-
     def spec(self, job_id: str) -> JobSpec:
         cached = self._specs.get(job_id)
         if cached is not None:
