@@ -54,6 +54,7 @@ _SENTINELS = {
     "worker.model.loading.load_model": "model",
     "worker.model.tiny.ensure_model": "model",
     "worker.model.tiny.ensure_adapter": "model",
+    "worker.local.run.run_embedded": "model",
     "redis": "redis",
     "tests.cluster.RedisServer": "redis",
     "subprocess": "process",
