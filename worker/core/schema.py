@@ -252,6 +252,11 @@ class JobSpec(_Strict):
     source_fingerprint: str = ""
     """A file job's bytes and options, hashed: a resubmit of the same file with the same options
     is recognised without reading the file again."""
+    skip_invalid: bool = False
+    """Submitted with ``--skip-invalid`` (a resubmit without it is refused, and the reverse)."""
+    incarnation: str = ""
+    """Which life of this job id (set when the submit begins): a job id deleted and submitted
+    again is a new incarnation, and nothing of the old one acts on it (worker.core.lifecycle)."""
 
 
 class Counts(BaseModel):
@@ -279,6 +284,8 @@ class ChunkRef(_Strict):
     job_id: str
     chunk_id: str
     indices: list[int]
+    inc: str = ""
+    """The job's incarnation this chunk belongs to ('' : a message of an older genq, any)."""
 
 
 def chat_messages(item: Item, system_prompt: str | None = None) -> list[dict[str, Any]] | None:

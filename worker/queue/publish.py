@@ -79,9 +79,12 @@ def publish_chunks(
         store = RedisStore(str(app.conf.broker_url))
     queue = queue_name(spec.profile, spec.mode, spec.priority)
     if not chunks:  # nothing new: make sure a backlog left by an interrupted publish is served
-        store.enqueue(spec.job_id, queue, [[]])
+        store.enqueue(spec.job_id, queue, [[]], inc=spec.incarnation)
         return 0
-    refs = [ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=idx) for cid, idx in chunks.items()]
+    refs = [
+        ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=idx, inc=spec.incarnation)
+        for cid, idx in chunks.items()
+    ]
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         # the list kombu consumes for this queue (priority 0: the queue's own name)
@@ -91,4 +94,4 @@ def publish_chunks(
             for start in range(0, len(refs), BATCH):
                 yield [_message(app, channel, ref, queue, 0) for ref in refs[start : start + BATCH]]
 
-        return store.enqueue(spec.job_id, key, batches())
+        return store.enqueue(spec.job_id, key, batches(), inc=spec.incarnation)

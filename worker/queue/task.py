@@ -49,7 +49,7 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
     store = runtime.store
     log = get_logger(job=chunk.job_id, chunk=chunk.chunk_id, worker=runtime.name)
     try:
-        spec = store.spec(chunk.job_id)
+        spec = store.spec(chunk.job_id, chunk.inc or None)
     except JobNotFound:
         log.info("chunk_of_missing_job")  # deleted, or expired after retention: nothing to do
         return {"outcome": str(ChunkOutcome.SKIPPED)}
@@ -61,7 +61,7 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
             message=f"worker {runtime.name} does not serve profile {spec.profile!r}",
         )
         items = store.items(chunk.job_id, store.pending_indices(chunk.job_id, chunk.indices))
-        store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name)
+        store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name, inc=chunk.inc)
         return {"outcome": str(ChunkOutcome.REFUSED)}
     runtime.stats.current = f"{chunk.job_id}:{chunk.chunk_id}"
     try:
