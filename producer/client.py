@@ -71,7 +71,8 @@ class Job:
 
     def status(self) -> JobState:
         store = self.client.store
-        store.expire_if_due(self.id)
+        if store.expire_if_due(self.id):
+            self.client.drain(self.id)
         state = store.state(self.id)
         if state.status == JobStatus.CANCELLING and state.live_chunks == 0:
             store.settle(self.id)  # the workers that held its chunks died: end it now
@@ -126,7 +127,11 @@ class Job:
         return batch_object(self.status(), store.output_files(self.id), endpoint=endpoint)
 
     def cancel(self) -> JobState:
-        return self.client.store.request_cancel(self.id)
+        """Cancel: its backlog is dropped in the same step, and the few messages already on its
+        queue are removed (a worker holding one drops it: the job is cancelling)."""
+        state = self.client.store.request_cancel(self.id)
+        self.client.drain(self.id)
+        return state
 
     def retry(self, *, all_errors: bool = False) -> int:
         """Run errored items again: those whose error may pass next time (``worker_lost``,
@@ -268,21 +273,30 @@ class Client:
     def _delete(self, job_id: str, *, older_than: float | None) -> Deleted | None:
         """:meth:`delete`; with ``older_than`` (prune) only when the job is still prunable in the
         step that deletes it (None when it no longer is)."""
-        from worker.queue.messages import drain
-        from worker.queue.routing import queue_name
-
-        try:
-            spec: JobSpec | None = self.store.spec(job_id)
-        except JobNotFound:
-            spec = None
-        queues = [queue_name(spec.profile, m, spec.priority) for m in QueueMode] if spec else []
+        queues = self._queues(job_id)
         backlog = self.store.backlog_length(job_id)
         keys = self.store.delete(job_id, older_than=older_than)
         if keys < 0:
             return None
         self.store.forget_backlog(job_id, queues)
-        messages = backlog + (drain(self.store.r, queues, job_id) if queues else 0)
-        return Deleted(job_id, keys, messages)
+        return Deleted(job_id, keys, backlog + self.drain(job_id, queues))
+
+    def _queues(self, job_id: str) -> list[str]:
+        """The broker queues the job's messages may wait on (none when it is gone)."""
+        from worker.queue.routing import queue_name
+
+        try:
+            spec = self.store.spec(job_id)
+        except JobNotFound:
+            return []
+        return [queue_name(spec.profile, m, spec.priority) for m in QueueMode]
+
+    def drain(self, job_id: str, queues: list[str] | None = None) -> int:
+        """Remove the job's messages waiting on its broker queues; returns how many."""
+        from worker.queue.messages import drain
+
+        queues = self._queues(job_id) if queues is None else queues
+        return drain(self.store.r, queues, job_id) if queues else 0
 
     def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:
         """Delete jobs that finished (or partial jobs last touched) more than ``older_than``

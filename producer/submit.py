@@ -178,7 +178,8 @@ class Submitter:
         same_file = bool(existing.source_fingerprint) and existing.source_fingerprint == self._fingerprint(
             source
         )
-        if not same_file and not self._same_input(source, existing):
+        complete = bool(existing.input_digest)  # a job cancelled during its submit has no digest
+        if complete and not same_file and not self._same_input(source, existing):
             raise JobConflict(
                 f"job {job_id} exists with a different input or profile: submit with another --job-id "
                 f"(or none), or `genq delete {job_id}` first"

@@ -83,33 +83,33 @@ def _row(state: str, **cells: Entry) -> dict[Event, Entry]:
     return {Event[name.upper()]: entry for name, entry in cells.items()}
 
 
-def _ended(state: str) -> str:
-    return "expired" if state == E else "cancelled"
-
-
 def _final_row(state: str) -> dict[Event, Entry]:
     """Completed, cancelled and expired share most of their row."""
     ended = state != C
-    word = _ended(state)
+    was = "expired" if state == E else "was cancelled"
     retry: Entry = (
-        Refuse(f"job {{job}} was {word}: its items are not errors and never run again; {_NEW}")
+        Refuse(f"job {{job}} {was}: its items are not errors and never run again; {_NEW}")
         if ended
         else Move((str(P),), "errored items whose error may pass run again; the first finish time is kept")
     )
     return _row(
         state,
         submit_begin=_same(state, "the submit resumes it (see resume)"),
-        write_page=Refuse(f"job {{job}} was {word} during its submit: nothing more of it is stored"),
+        write_page=(
+            Refuse(f"job {{job}} {was} during its submit: nothing more of it is stored")
+            if ended
+            else Refuse("job {job} is already submitted")
+        ),
         publish=Refuse(f"job {{job}} is {state}: nothing is published"),
         submit_finish=(
-            Refuse(f"job {{job}} was {word} during its submit")
+            Refuse(f"job {{job}} {was} during its submit")
             if ended
             else _same(state, "a second submit of a finished job: nothing changes")
         ),
         resume=_same(state, "nothing is published; the report gives the counts"),
         deliver=Refuse(f"job {{job}} is {state}: the chunk is dropped without generating"),
         record=(
-            Refuse(f"job {{job}} was {word}: its counts never move again")
+            Refuse(f"job {{job}} {was}: its counts never move again")
             if ended
             else _same(state, "a duplicate: first write wins, nothing is counted")
         ),
@@ -282,9 +282,12 @@ def markdown() -> str:
     rows = [f"| {ev} | " + " | ".join(cell(TABLE[s][ev]) for s in STATES) + " |" for ev in Event]
     notes = []
     for ev in Event:
+        said: dict[str, list[str]] = {}
         for s in STATES:
             e = TABLE[s][ev]
             text = e.reason.format(job="X", option="OPT") if isinstance(e, Refuse) else e.note
             if text:
-                notes.append(f"- *{ev}* from `{s}`: {text}")
+                said.setdefault(text, []).append(f"`{s}`")
+        for text, states in said.items():
+            notes.append(f"- *{ev}* from {', '.join(states)}: {text}")
     return "\n".join([head, rule, *rows, "", *notes]) + "\n"
