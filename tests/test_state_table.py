@@ -190,22 +190,35 @@ def one_line(exc: BaseException) -> str:
 # --- (1) cancel while a submit is still storing inputs ----------------------------------------------
 
 
-def test_cancel_during_a_submit_ends_the_job_cancelled_and_refuses_the_submit(
-    server: RedisServer, client: Client
+@pytest.mark.parametrize("how", ["cancel", "expire"])
+def test_cancel_or_expiry_during_a_submit_ends_the_job_and_refuses_the_submit(
+    server: RedisServer, client: Client, how: str
 ) -> None:
+    """``genq cancel`` (or ``--expires-in`` running out, seen by a status read) while the submit
+    still stores inputs: the job ends with the items stored so far counted cancelled (expired),
+    never ``completed`` with total 0, and the submit stops at its next page in one line."""
     r = server.client()
     gate = Gate(records(2500), at=1500)  # the first page (1,000 items) is stored, then it waits
-    run = submit_in_thread(client, gate, job_id="c1", chunk_size=16)
+    expires = {"expires_in": 1.0} if how == "expire" else {}
+    started = time.time()
+    run = submit_in_thread(client, gate, job_id="c1", chunk_size=16, **expires)
     assert gate.reached.wait(60)
-    cancelled = Client(server.url).job("c1").cancel()
-    assert cancelled.status == JobStatus.CANCELLED
+    other = Client(server.url).job("c1")
+    if how == "cancel":
+        ended = other.cancel()
+    else:
+        time.sleep(max(0.0, started + 1.2 - time.time()))
+        ended = other.status()
+    word = "cancelled" if how == "cancel" else "expired"
+    assert ended.status == word
     gate.go.set()
     run["thread"].join(60)
     assert isinstance(run.get("error"), JobRefused), run
-    assert "job c1 was cancelled during its submit" in one_line(run["error"])
+    was = "was cancelled" if how == "cancel" else "expired"
+    assert f"job c1 {was} during its submit" in one_line(run["error"])
     state = client.job("c1").status()
-    assert state.status == JobStatus.CANCELLED  # never "completed" with total 0
-    assert (state.counts.total, state.counts.cancelled, state.counts.pending) == (1000, 1000, 0)
+    assert state.status == word  # never "completed" with total 0
+    assert (state.counts.total, getattr(state.counts, word), state.counts.pending) == (1000, 1000, 0)
     assert r.hlen(job_key("c1", "inputs")) == 1000  # nothing of the second page was stored
     assert message_refs(r, "c1") == [] and "c1" not in r.lrange(ring_key(QUEUE), 0, -1)
     assert all(r.ttl(k) > 0 for k in job_keys(r, "c1"))  # an ended job expires after retention

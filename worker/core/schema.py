@@ -239,8 +239,8 @@ class JobSpec(_Strict):
     profile: str
     mode: QueueMode = QueueMode.ANY
     priority: Priority = Priority.NORMAL
-    """Which of the profile's queues its chunks go to (not part of what the job is: a resubmit
-    with another priority resumes the same job at the priority it was first submitted with)."""
+    """Which of the profile's queues its chunks go to (not part of a derived job id: a resubmit
+    with another priority finds the same job and is refused, naming ``--priority``)."""
     chunk_size: Annotated[int, Field(gt=0)] = 16
     total: int
     defaults: GenParams = GenParams()

@@ -4,7 +4,7 @@ job wait in a queue or are delivered and not yet acknowledged, and removing a jo
 kombu keeps a queue as a Redis list of JSON envelopes (``{"body", "headers": {"id", ...},
 "properties"}``) and delivered-but-unacknowledged messages in the hash ``unacked`` as
 ``[envelope, exchange, routing_key]``.  A Celery message's task id is ``headers.id``; genq's task
-ids are ``<job>:<chunk>`` (:func:`worker.queue.routing.task_id`).  A job's messages not yet
+ids are ``<job>:<chunk>@<incarnation>`` (:func:`worker.queue.routing.task_id`).  A job's messages not yet
 dispatched wait, in the same envelopes, in its backlog list (:mod:`worker.store.dispatch`).
 tests/test_queue_layout.py checks this against messages kombu itself wrote, so an upgrade that
 changes it fails there first.

@@ -68,7 +68,7 @@ def publish_chunks(
     store: Dispatcher | None = None,
 ) -> int:
     """Append one message per chunk to the job's backlog for its queue (profile, mode, priority)
-    and dispatch; returns how many.  Task ids are ``<job>:<chunk>``, so publishing the same chunk
+    and dispatch; returns how many.  Task ids are ``<job>:<chunk>@<inc>``, so publishing the same chunk
     again cannot create a second task identity.  ``store``: the job store (default: one on the
     app's broker, which is the job store's Redis too).  With no chunks it only puts the job back
     in its queue's ring (a resumed submit whose last publish was cut short)."""
