@@ -455,3 +455,33 @@ def test_delete_while_a_chunk_runs_ends_the_chunk_quietly_and_leaves_no_key(
     outcome = run_ref(RedisStore(server.url), engine, ref, should_stop=delete_once)
     assert deleted and outcome.outcome == ChunkOutcome.SKIPPED  # no exception: no task failure
     assert job_keys(r, "g8") == [] and r.zscore(JOBS_INDEX, "g8") is None
+
+
+def test_delete_while_a_real_worker_runs_a_chunk_logs_no_task_failure(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """`genq delete` while a worker process generates a chunk: the worker drops the chunk as a
+    chunk of a missing job (an event), Celery logs no failure and no traceback, and nothing of
+    the job is left in Redis (no result written after the delete)."""
+    from tests.cluster import log_events
+    from tests.helpers import WorkerProcess, wait_for, write_prompts
+
+    r = server.client()
+    slow = {"GENQ_VISIBILITY_TIMEOUT": "30", "GENQ_FAULT_SLOW_MS": "2000"}
+    worker = WorkerProcess(server.url, tmp_path / "w.log", name="busy", env=slow).start()
+    try:
+        src = write_prompts(tmp_path / "in.jsonl", 64, max_new_tokens=4)
+        job = genq(server.url, "submit", str(src), "--profile", PROFILE, "--chunk-size", "64").stdout.strip()
+        wait_for(lambda: r.hlen(job_key(job, "running")) > 0, timeout=120, what="the chunk to start")
+        assert "deleted" in genq(server.url, "delete", job).stderr
+        wait_for(
+            lambda: log_events(worker.log_path, "chunk_of_missing_job", job=job),
+            timeout=120,
+            what="the worker to drop the chunk",
+        )
+        time.sleep(1.0)  # the task's own end (Celery's succeeded line) follows the event
+    finally:
+        worker.stop()
+    text = worker.log_path.read_text(errors="replace")
+    assert "Traceback" not in text and "raised unexpected" not in text, text[-3000:]
+    assert job_keys(r, job) == [] and r.zscore(JOBS_INDEX, job) is None
