@@ -273,30 +273,27 @@ class Client:
     def _delete(self, job_id: str, *, older_than: float | None) -> Deleted | None:
         """:meth:`delete`; with ``older_than`` (prune) only when the job is still prunable in the
         step that deletes it (None when it no longer is)."""
-        queues = self._queues(job_id)
+        from worker.queue.messages import withdraw
+
+        try:
+            spec: JobSpec | None = self.store.spec(job_id)
+        except JobNotFound:
+            spec = None
         backlog = self.store.backlog_length(job_id)
         keys = self.store.delete(job_id, older_than=older_than)
         if keys < 0:
             return None
-        self.store.forget_backlog(job_id, queues)
-        return Deleted(job_id, keys, backlog + self.drain(job_id, queues))
+        return Deleted(job_id, keys, backlog + (withdraw(self.store, spec) if spec else 0))
 
-    def _queues(self, job_id: str) -> list[str]:
-        """The broker queues the job's messages may wait on (none when it is gone)."""
-        from worker.queue.routing import queue_name
+    def drain(self, job_id: str) -> int:
+        """Take the job out of the queues: its place in the rings and its messages waiting on
+        the broker queues (cancel, expiry); returns how many messages were removed."""
+        from worker.queue.messages import withdraw
 
         try:
-            spec = self.store.spec(job_id)
+            return withdraw(self.store, self.store.spec(job_id))
         except JobNotFound:
-            return []
-        return [queue_name(spec.profile, m, spec.priority) for m in QueueMode]
-
-    def drain(self, job_id: str, queues: list[str] | None = None) -> int:
-        """Remove the job's messages waiting on its broker queues; returns how many."""
-        from worker.queue.messages import drain
-
-        queues = self._queues(job_id) if queues is None else queues
-        return drain(self.store.r, queues, job_id) if queues else 0
+            return 0
 
     def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:
         """Delete jobs that finished (or partial jobs last touched) more than ``older_than``

@@ -20,6 +20,7 @@ from worker.core.errors import JobNotFound, ShutdownRequested, StoreUnavailable
 from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
+from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
 from worker.queue.routing import TASK_NAME, worker_queues
 from worker.runtime import Runtime, get_runtime
@@ -82,6 +83,8 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
         raise Reject("job store unreachable: chunk handed back", requeue=True) from None
     finally:
         runtime.stats.current = None
+    if outcome.outcome == ChunkOutcome.EXPIRED:  # this delivery ended the job: take it out of the queues
+        withdraw(store, spec)
     runtime.stats.chunks += 1
     runtime.stats.add(outcome.written, outcome.tokens, outcome.seconds)
     return outcome.as_dict()
