@@ -28,7 +28,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.core.errors import GenerationError, GenqError, ShutdownRequested, WorkerLost, retry_may_help
+from worker.core.errors import (
+    GenerationError,
+    GenqError,
+    JobNotFound,
+    JobRefused,
+    ShutdownRequested,
+    WorkerLost,
+    retry_may_help,
+)
 from worker.core.logs import bind, get_logger, unbind
 from worker.core.observe import observer
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
@@ -57,17 +65,24 @@ class ChunkStore(Protocol):
     """What running a chunk needs from a job store: the Redis store, and the in-memory one of
     embedded runs, implement all of it."""
 
-    def spec(self, job_id: str) -> JobSpec: ...
+    def spec(self, job_id: str, inc: str | None = None) -> JobSpec: ...
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]: ...
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]: ...
-    def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int: ...
+    def record(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
+    ) -> int: ...
     def record_indices(
-        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
     ) -> list[int]: ...
-    def start_attempt(self, job_id: str, cid: str, worker: str) -> int: ...
-    def undo_attempt(self, job_id: str, cid: str) -> None: ...
+    def start_attempt(self, job_id: str, cid: str, worker: str, *, inc: str = "") -> int: ...
+    def undo_attempt(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
     def add_chunks(
-        self, job_id: str, chunks: dict[str, list[int]], *, split_parent: str | None = None
+        self,
+        job_id: str,
+        chunks: dict[str, list[int]],
+        *,
+        split_parent: str | None = None,
+        inc: str = "",
     ) -> dict[str, list[int]]: ...
 
 
@@ -78,7 +93,7 @@ class JobControl(Protocol):
     def status(self, job_id: str) -> JobStatus | None: ...
     def expire_if_due(self, job_id: str, now: float | None = None) -> bool: ...
     def settle(self, job_id: str) -> bool: ...
-    def clear_running(self, job_id: str, cid: str) -> None: ...
+    def clear_running(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
 
 
 @dataclass
@@ -159,7 +174,7 @@ class _Run:
     def write(self, results: Sequence[ItemResult]) -> int:
         """Record ``results`` (first write wins) and log what was written and what dropped."""
         t0 = time.perf_counter()
-        new = self.store.record_indices(self.ref.job_id, results, self.worker)
+        new = self.store.record_indices(self.ref.job_id, results, self.worker, inc=self.ref.inc)
         self.store_seconds += time.perf_counter() - t0
         generated = sum(r.usage.completion_tokens for r in results)
         self.written += len(new)
@@ -200,30 +215,59 @@ def process_chunk(
     control: JobControl | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    """Run one chunk to the end (or hand it back).  Raises ShutdownRequested to hand back."""
+    """Run one chunk to the end (or hand it back).  Raises ShutdownRequested to hand back.
+
+    A chunk of a job that is gone, or of another incarnation of its id (deleted and submitted
+    again), is dropped, also when that happens while it runs: its results are never counted for
+    the job stored now (the store refuses them in the same step that would write them)."""
     started = time.perf_counter()
     job_id, cid = ref.job_id, ref.chunk_id
     log = get_logger(job=job_id, chunk=cid, worker=worker)
+    try:
+        return _process(store, engine, ref, worker, max_attempts, publish, control, should_stop, started, log)
+    except JobNotFound as exc:  # deleted (or expired, or submitted again) under us: nothing to do
+        log.info("chunk_of_missing_job", reason=exc.message)
+        return Outcome(ChunkOutcome.SKIPPED, seconds=time.perf_counter() - started)
+    except JobRefused as exc:  # ending or ended under us (a split it may no longer publish)
+        log.info("chunk_refused", state=exc.state, reason=exc.message)
+        return Outcome(ChunkOutcome.CANCELLED, seconds=time.perf_counter() - started)
+
+
+def _process(
+    store: ChunkStore,
+    engine: Engine,
+    ref: ChunkRef,
+    worker: str,
+    max_attempts: int,
+    publish: Publish,
+    control: JobControl | None,
+    should_stop: Callable[[], bool],
+    started: float,
+    log: Any,
+) -> Outcome:
+    job_id, cid = ref.job_id, ref.chunk_id
     closed = _closed(control, job_id)
     if closed is not None:
         return Outcome(closed)
-    spec = store.spec(job_id)
+    spec = store.spec(job_id, ref.inc or None)
     pending = store.pending_indices(job_id, ref.indices)
     if not pending:
         return Outcome(ChunkOutcome.SKIPPED)
-    attempts = store.start_attempt(job_id, cid, worker)
-    if attempts:
-        observer().delivery(job_id, attempts)
+    try:
+        attempts = store.start_attempt(job_id, cid, worker, inc=ref.inc)
+    except JobRefused as exc:  # ending or ended since _closed read it: the same step said no
+        if control is not None and exc.state == JobStatus.CANCELLING:
+            control.settle(job_id)
+        return Outcome(ChunkOutcome.CANCELLED if exc.state != JobStatus.COMPLETED else ChunkOutcome.SKIPPED)
+    observer().delivery(job_id, attempts)
     run = _Run(store, control, ref, spec, worker, log, attempt=attempts)
     try:
-        if attempts == 0:  # the job was deleted under us
-            return Outcome(ChunkOutcome.SKIPPED)
         if attempts > max_attempts:
             return _past_cap(run, pending, attempts, publish)
         return _generate(run, engine, pending, attempts, publish, should_stop, started)
     finally:
         if control is not None:
-            control.clear_running(job_id, cid)
+            control.clear_running(job_id, cid, inc=ref.inc)
             # the last chunk of a cancelled job to stop ends it, even one that finished without
             # noticing the cancel (its other chunks wait in no queue: cancel dropped its backlog)
             if run.cancelled or control.status(job_id) == JobStatus.CANCELLING:
@@ -260,7 +304,7 @@ def _past_cap(run: _Run, pending: list[int], attempts: int, publish: Publish) ->
         )
         run.log.error("item_worker_lost", item=item.id, line=item.line, attempts=attempts - 1)
         return Outcome(ChunkOutcome.WORKER_LOST, written=run.write([lost]))
-    children = run.store.add_chunks(job_id, split(cid, pending), split_parent=cid)
+    children = run.store.add_chunks(job_id, split(cid, pending), split_parent=cid, inc=run.ref.inc)
     if children:
         publish(run.spec, children)
     run.log.warning("chunk_split", attempts=attempts - 1, pending=len(pending), children=list(children))
@@ -304,9 +348,11 @@ def _generate(
                 tokens=run.tokens,
                 seconds=time.perf_counter() - started,
             )
-        run.store.undo_attempt(job_id, cid)
+        run.store.undo_attempt(job_id, cid, inc=run.ref.inc)
         run.log.info("chunk_handed_back", written=run.written)
         raise
+    except (JobNotFound, JobRefused):
+        raise  # the job went away or ended under us: process_chunk drops the chunk
     except Exception as exc:
         if isinstance(exc, GenqError) and retry_may_help(exc):
             raise  # transient (the store went away): the task hands the chunk back
@@ -350,7 +396,7 @@ def _engine_failed(run: _Run, pending: list[int], exc: Exception, attempts: int,
         ]
         run.write(errs)
         return Outcome(ChunkOutcome.DONE, written=run.written)
-    children = run.store.add_chunks(job_id, split(cid, still), split_parent=cid)
+    children = run.store.add_chunks(job_id, split(cid, still), split_parent=cid, inc=run.ref.inc)
     if children:
         publish(run.spec, children)
     return Outcome(ChunkOutcome.SPLIT, written=run.written, children=children)
