@@ -14,7 +14,7 @@ from worker.core.settings import Settings, get_settings, redact_url
 from worker.store.connection import check_reachable, connect, guarded
 
 LUA = Path(__file__).parent / "lua"
-SCRIPTS = ("record", "start", "unrecord", "settle", "claim", "finish_submit", "dispatch")
+SCRIPTS = ("record", "start", "unrecord", "settle", "claim", "finish_submit", "dispatch", "renew", "waste")
 """The Lua scripts in ``lua/``, each one atomic step of a job's life (read once, at import)."""
 
 _SOURCES = {name: (LUA / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPTS}

@@ -90,9 +90,9 @@ class ChunkRecords(ResultStore):
         return out
 
     def live_running(self, job_id: str) -> set[str]:
-        """Chunks a worker started within the visibility timeout (older entries are a dead
+        """Chunks whose worker renewed its lease within the lease (older entries are a dead
         worker's: its message comes back to the queue)."""
-        horizon = time.time() - self.settings.visibility_timeout
+        horizon = time.time() - self.settings.lease
         return {cid for cid, (_, since) in self.running(job_id).items() if since >= horizon}
 
     def plain_chunks(self, total: int, size: int) -> Iterator[list[tuple[str, list[int]]]]:

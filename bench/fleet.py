@@ -1,0 +1,226 @@
+"""A mixed fleet: one full-speed worker and one slowed to a fraction of a CPU by a cgroup.
+
+    python -m bench.fleet [--json] [--items 192] [--new-tokens 32] [--chunk-size 16] [--quota 0.1]
+
+Real ``redis-server``, real ``genq-worker start`` processes (one torch thread each), the ~200M
+benchmark model (``--tiny``: the tiny model, a smoke run).  The slow worker runs in a cgroup v1
+CPU group (``/sys/fs/cgroup/cpu/<group>``, ``cpu.cfs_quota_us`` = ``--quota`` × the period) that
+this benchmark creates and removes; where that is not writable it prints why and skips.
+
+The same job runs twice: on the fast worker alone (``makespan_fast_alone``), then on both
+(``makespan_fleet``).  ``ideal`` is the job's items ÷ the sum of the two measured rates (the fast
+worker's from its run alone, the slow worker's from the chunks it finished in the fleet run), the
+makespan of a fleet that wastes nothing.  ``fleet_vs_fast_alone`` ≤ 1.0 means adding the slow
+worker never made the job slower; ``wasted_tokens`` are tokens generated and not kept (the job's
+``wasted_tokens``: backups at the tail), as a fraction of the job's completion tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
+from tests.cluster import RedisServer, WorkerProcess, log_events
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 100_000
+
+
+def cgroup_unavailable() -> str | None:
+    """Why a CPU cgroup cannot be made here (None: it can)."""
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+        return f"no cgroup v1 cpu controller at {CGROUP_CPU}"
+    if not os.access(CGROUP_CPU, os.W_OK):
+        return f"{CGROUP_CPU} is not writable (run as root)"
+    return None
+
+
+@contextmanager
+def cpu_group(fraction: float) -> Iterator[Path]:
+    """A cgroup v1 CPU group limited to ``fraction`` of one CPU; removed afterwards (its
+    processes must be gone by then)."""
+    group = CGROUP_CPU / f"genq-bench-slow-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(fraction * PERIOD_US))))
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:  # a process that is just exiting still counts as a member
+                time.sleep(0.1)
+
+
+def in_group(group: Path) -> list[str]:
+    """A command prefix that moves the process into ``group`` before it starts the worker."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group)]
+
+
+def run_job(
+    server: RedisServer,
+    profile: Path,
+    records: list[dict[str, Any]],
+    chunk_size: int,
+    workers: list[WorkerProcess],
+) -> dict[str, Any]:
+    from producer import Client
+
+    client = Client(server.url)
+    started = time.perf_counter()
+    job = client.submit(records, profile=str(profile), chunk_size=chunk_size)
+    state = job.wait(timeout=7200)
+    seconds = time.perf_counter() - started
+    assert state.counts.succeeded == len(records), state.as_dict()
+    r = server.client()
+    raw = r.hgetall(f"genq:job:{job.id}")
+    per_worker = {name: stats.get("items", 0) for name, stats in state.workers.items()}
+    return {
+        "job": job.id,
+        "seconds": seconds,
+        "tokens": int(raw.get("completion_tokens", 0)),
+        "wasted_tokens": int(raw.get("wasted_tokens", 0)),
+        "wasted_items": int(raw.get("wasted_items", 0)),
+        "per_worker": per_worker,
+        "backups": sum(len(log_events(w.log_path, "backup_started", job=job.id)) for w in workers),
+    }
+
+
+def slow_rate(worker: WorkerProcess, job: str, chunk_size: int) -> float | None:
+    """Items per second of ``worker``'s chunks of ``job`` that it ran whole and alone."""
+    done = [
+        e
+        for e in log_events(worker.log_path, "chunk_done", job=job)
+        if int(str(e["written"])) == int(str(e["items"])) and int(str(e["items"])) > 0
+    ]
+    if not done:
+        return None
+    items = sum(int(str(e["items"])) for e in done)
+    return items / sum(float(str(e["seconds"])) for e in done)
+
+
+def warm(server: RedisServer, profile: Path) -> None:
+    from producer import Client
+
+    client = Client(server.url)
+    client.submit([{"id": "warm", "prompt": "warm up", "max_new_tokens": 2}], profile=str(profile)).wait(
+        timeout=600
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="genq: a full-speed worker and a cgroup-slowed one")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--items", type=int, default=192)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=16, help="genq submit's default")
+    parser.add_argument("--quota", type=float, default=0.1, help="the slow worker's share of one CPU")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke run, not a figure)")
+    args = parser.parse_args(argv)
+
+    reason = cgroup_unavailable()
+    if reason is not None:
+        print(f"[fleet] skipped: {reason}", flush=True)
+        result: dict[str, Any] = {"benchmark": "fleet", "skipped": reason}
+        if args.json:
+            emit(result)
+        return result
+
+    home = bench_home()
+    with tempfile.TemporaryDirectory(prefix="genq-bench-fleet-") as tmp:
+        folder = Path(tmp)
+        profile = bench_profile_yaml(folder, tiny=args.tiny, home=home)
+        items = mixed_prompts(profile, args.items, args.new_tokens)
+        records = [{"id": it.id, "prompt": it.prompt, "max_new_tokens": args.new_tokens} for it in items]
+        server = RedisServer(folder / "redis")
+        server.start()
+        env = {"GENQ_THREADS": "1"}
+        fast = WorkerProcess(
+            server.url, folder / "fast.log", profile=str(profile), mode="fp32", name="fast", env=env
+        )
+        try:
+            with cpu_group(args.quota) as group:
+                slow = WorkerProcess(
+                    server.url,
+                    folder / "slow.log",
+                    profile=str(profile),
+                    mode="fp32",
+                    name="slow",
+                    env=env,
+                    prefix=in_group(group),
+                )
+                try:
+                    print(f"[fleet] fast worker alone: {len(records)} items ...", flush=True)
+                    fast.start(timeout=600)
+                    warm(server, profile)
+                    alone = run_job(server, profile, records, args.chunk_size, [fast])
+                    print(f"[fleet] fast alone: {alone['seconds']:.1f} s", flush=True)
+                    print(f"[fleet] + slow worker ({args.quota:.0%} of a CPU) ...", flush=True)
+                    slow.start(timeout=1800)  # loading at a fraction of a CPU takes a while
+                    fleet = run_job(server, profile, records, args.chunk_size, [fast, slow])
+                    print(f"[fleet] fleet: {fleet['seconds']:.1f} s", flush=True)
+                    slow_speed = slow_rate(slow, fleet["job"], args.chunk_size)
+                    group_procs = (group / "cgroup.procs").read_text().split()
+                finally:
+                    slow.kill()
+        finally:
+            with suppress(Exception):
+                fast.stop()
+            server.stop()
+
+    n = len(records)
+    fast_speed = n / alone["seconds"]
+    ideal = n / (fast_speed + (slow_speed or 0.0))
+    result = {
+        "benchmark": "fleet",
+        **machine(),
+        "items": n,
+        "new_tokens": args.new_tokens,
+        "chunk_size": args.chunk_size,
+        "slow_cpu_quota": args.quota,
+        "slow_in_cgroup": bool(group_procs),
+        "model": "tiny-random" if args.tiny else "bench-200m",
+        "makespan_fast_alone": round(alone["seconds"], 2),
+        "makespan_fleet": round(fleet["seconds"], 2),
+        "ideal": round(ideal, 2),
+        "fast_items_per_s": round(fast_speed, 3),
+        "slow_items_per_s": round(slow_speed, 4) if slow_speed else None,
+        "fleet_vs_fast_alone": round(fleet["seconds"] / alone["seconds"], 3),
+        "fleet_vs_ideal": round(fleet["seconds"] / ideal, 3),
+        "items_per_worker": fleet["per_worker"],
+        "backups": fleet["backups"],
+        "job_tokens": fleet["tokens"],
+        "wasted_tokens": fleet["wasted_tokens"],
+        "wasted_items": fleet["wasted_items"],
+        "wasted_fraction": round(fleet["wasted_tokens"] / fleet["tokens"], 4) if fleet["tokens"] else None,
+        "command": "python -m bench.fleet " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    }
+    table(
+        f"fleet: a full-speed worker and one at {args.quota:.0%} of a CPU (1 torch thread each)",
+        [
+            ("fast alone", f"{result['makespan_fast_alone']} s", ""),
+            ("fleet", f"{result['makespan_fleet']} s", f"items per worker {result['items_per_worker']}"),
+            ("ideal", f"{result['ideal']} s", f"slow {result['slow_items_per_s']} items/s"),
+            ("fleet / fast alone", str(result["fleet_vs_fast_alone"]), ""),
+            ("fleet / ideal", str(result["fleet_vs_ideal"]), ""),
+            ("wasted", f"{result['wasted_tokens']} tokens", f"{result['wasted_fraction']} of the job's"),
+        ],
+    )
+    if args.json:
+        emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
