@@ -390,7 +390,7 @@ def _generate(
                     run.taken = False
                     run.todo = run.store.pending_indices(job_id, run.todo)
                     run.log.info("chunk_shared", left=len(run.todo), written=run.written)
-                    todo = run.store.items(job_id, run.todo)
+                    todo = run.store.items(job_id, run.todo) if run.todo else []
                     continue
                 if run.boxed:
                     return _hand_on(run, publish, started)
