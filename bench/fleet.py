@@ -1,18 +1,20 @@
 """A mixed fleet: one full-speed worker and one slowed to a fraction of a CPU by a cgroup.
 
-    python -m bench.fleet [--json] [--items 192] [--new-tokens 32] [--chunk-size 16] [--quota 0.1]
+    python -m bench.fleet [--json] [--items 192] [--new-tokens 32] [--chunk-size 8] [--quota 0.1]
 
 Real ``redis-server``, real ``genq-worker start`` processes (one torch thread each), the ~200M
 benchmark model (``--tiny``: the tiny model, a smoke run).  The slow worker runs in a cgroup v1
 CPU group (``/sys/fs/cgroup/cpu/<group>``, ``cpu.cfs_quota_us`` = ``--quota`` × the period) that
 this benchmark creates and removes; where that is not writable it prints why and skips.
 
-The same job runs twice: on the fast worker alone (``makespan_fast_alone``), then on both
-(``makespan_fleet``).  ``ideal`` is the job's items ÷ the sum of the two measured rates (the fast
-worker's from its run alone, the slow worker's from the chunks it finished in the fleet run), the
-makespan of a fleet that wastes nothing.  ``fleet_vs_fast_alone`` ≤ 1.0 means adding the slow
-worker never made the job slower; ``wasted_tokens`` are tokens generated and not kept (the job's
-``wasted_tokens``: backups at the tail), as a fraction of the job's completion tokens.
+Both workers load at full speed, then the slow one's group is limited.  The same job runs twice:
+on both (``makespan_fleet``), then, the slow worker gone, on the fast worker alone
+(``makespan_fast_alone``).  ``ideal`` is the job's completion tokens ÷ the sum of the two measured
+rates (the fast worker's from its run alone, the slow worker's from its ``chunk_done`` events in
+the fleet run), the makespan of a fleet that wastes nothing.  ``fleet_vs_fast_alone`` ≤ 1.0
+means adding the slow worker never made the job slower; ``wasted_tokens`` are tokens generated
+and not kept (the job's ``wasted_tokens``: backups at the tail), also as a fraction of the job's
+completion tokens.  The chunk size (8) keeps one chunk at a few seconds on the fast worker.
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ def cgroup_unavailable() -> str | None:
 
 
 @contextmanager
-def cpu_group(fraction: float) -> Iterator[Path]:
-    """A cgroup v1 CPU group limited to ``fraction`` of one CPU; removed afterwards (its
+def cpu_group() -> Iterator[Path]:
+    """A cgroup v1 CPU group, unlimited until :func:`limit` is called; removed afterwards (its
     processes must be gone by then)."""
     group = CGROUP_CPU / f"genq-bench-slow-{os.getpid()}"
     group.mkdir()
     try:
         (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(fraction * PERIOD_US))))
+        (group / "cpu.cfs_quota_us").write_text("-1")
         yield group
     finally:
         for _ in range(50):
@@ -61,6 +63,11 @@ def cpu_group(fraction: float) -> Iterator[Path]:
                 break
             except OSError:  # a process that is just exiting still counts as a member
                 time.sleep(0.1)
+
+
+def limit(group: Path, fraction: float) -> None:
+    """Limit ``group`` to ``fraction`` of one CPU."""
+    (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(fraction * PERIOD_US))))
 
 
 def in_group(group: Path) -> list[str]:
@@ -84,6 +91,11 @@ def run_job(
     seconds = time.perf_counter() - started
     assert state.counts.succeeded == len(records), state.as_dict()
     r = server.client()
+    # a slower worker may still run items a backup has written: what it generates is waste,
+    # counted when it writes them; wait for it (the job is already complete)
+    deadline = time.monotonic() + 900
+    while r.hlen(f"genq:job:{job.id}:running") and time.monotonic() < deadline:
+        time.sleep(1.0)
     raw = r.hgetall(f"genq:job:{job.id}")
     per_worker = {name: stats.get("items", 0) for name, stats in state.workers.items()}
     return {
@@ -97,17 +109,13 @@ def run_job(
     }
 
 
-def slow_rate(worker: WorkerProcess, job: str, chunk_size: int) -> float | None:
-    """Items per second of ``worker``'s chunks of ``job`` that it ran whole and alone."""
-    done = [
-        e
-        for e in log_events(worker.log_path, "chunk_done", job=job)
-        if int(str(e["written"])) == int(str(e["items"])) and int(str(e["items"])) > 0
-    ]
-    if not done:
-        return None
-    items = sum(int(str(e["items"])) for e in done)
-    return items / sum(float(str(e["seconds"])) for e in done)
+def token_rate(worker: WorkerProcess, job: str) -> float | None:
+    """Completion tokens per second ``worker`` generated while running chunks of ``job`` (kept or
+    not), from its ``chunk_done`` events."""
+    done = log_events(worker.log_path, "chunk_done", job=job)
+    seconds = sum(float(str(e["seconds"])) for e in done)
+    tokens = sum(int(str(e["tokens"])) for e in done)
+    return tokens / seconds if seconds > 0 and tokens else None
 
 
 def warm(server: RedisServer, profile: Path) -> None:
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--items", type=int, default=192)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=16, help="genq submit's default")
+    parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--quota", type=float, default=0.1, help="the slow worker's share of one CPU")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke run, not a figure)")
     args = parser.parse_args(argv)
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server.url, folder / "fast.log", profile=str(profile), mode="fp32", name="fast", env=env
         )
         try:
-            with cpu_group(args.quota) as group:
+            with cpu_group() as group:
                 slow = WorkerProcess(
                     server.url,
                     folder / "slow.log",
@@ -161,27 +169,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     prefix=in_group(group),
                 )
                 try:
-                    print(f"[fleet] fast worker alone: {len(records)} items ...", flush=True)
-                    fast.start(timeout=600)
+                    # both load at full speed; then the slow one gets its share of a CPU
+                    for w in (fast, slow):
+                        w.start(wait=False)
+                    for w in (fast, slow):
+                        w.wait_ready(900)
+                    in_cgroup = bool((group / "cgroup.procs").read_text().split())
                     warm(server, profile)
-                    alone = run_job(server, profile, records, args.chunk_size, [fast])
-                    print(f"[fleet] fast alone: {alone['seconds']:.1f} s", flush=True)
-                    print(f"[fleet] + slow worker ({args.quota:.0%} of a CPU) ...", flush=True)
-                    slow.start(timeout=1800)  # loading at a fraction of a CPU takes a while
+                    limit(group, args.quota)
+                    print(
+                        f"[fleet] fast + slow ({args.quota:.0%} of a CPU): {len(records)} items", flush=True
+                    )
                     fleet = run_job(server, profile, records, args.chunk_size, [fast, slow])
                     print(f"[fleet] fleet: {fleet['seconds']:.1f} s", flush=True)
-                    slow_speed = slow_rate(slow, fleet["job"], args.chunk_size)
-                    group_procs = (group / "cgroup.procs").read_text().split()
+                    slow_speed = token_rate(slow, fleet["job"])
                 finally:
                     slow.kill()
+            print("[fleet] the fast worker alone ...", flush=True)
+            alone = run_job(server, profile, records, args.chunk_size, [fast])
+            print(f"[fleet] fast alone: {alone['seconds']:.1f} s", flush=True)
         finally:
             with suppress(Exception):
                 fast.stop()
             server.stop()
 
     n = len(records)
-    fast_speed = n / alone["seconds"]
-    ideal = n / (fast_speed + (slow_speed or 0.0))
+    fast_speed = alone["tokens"] / alone["seconds"]
+    ideal = fleet["tokens"] / (fast_speed + (slow_speed or 0.0))
     result = {
         "benchmark": "fleet",
         **machine(),
@@ -189,13 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "new_tokens": args.new_tokens,
         "chunk_size": args.chunk_size,
         "slow_cpu_quota": args.quota,
-        "slow_in_cgroup": bool(group_procs),
+        "slow_in_cgroup": in_cgroup,
         "model": "tiny-random" if args.tiny else "bench-200m",
         "makespan_fast_alone": round(alone["seconds"], 2),
         "makespan_fleet": round(fleet["seconds"], 2),
         "ideal": round(ideal, 2),
-        "fast_items_per_s": round(fast_speed, 3),
-        "slow_items_per_s": round(slow_speed, 4) if slow_speed else None,
+        "fast_tok_s": round(fast_speed, 2),
+        "slow_tok_s": round(slow_speed, 2) if slow_speed else None,
         "fleet_vs_fast_alone": round(fleet["seconds"] / alone["seconds"], 3),
         "fleet_vs_ideal": round(fleet["seconds"] / ideal, 3),
         "items_per_worker": fleet["per_worker"],
@@ -211,7 +225,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             ("fast alone", f"{result['makespan_fast_alone']} s", ""),
             ("fleet", f"{result['makespan_fleet']} s", f"items per worker {result['items_per_worker']}"),
-            ("ideal", f"{result['ideal']} s", f"slow {result['slow_items_per_s']} items/s"),
+            (
+                "ideal",
+                f"{result['ideal']} s",
+                f"fast {result['fast_tok_s']}, slow {result['slow_tok_s']} tok/s",
+            ),
             ("fleet / fast alone", str(result["fleet_vs_fast_alone"]), ""),
             ("fleet / ideal", str(result["fleet_vs_ideal"]), ""),
             ("wasted", f"{result['wasted_tokens']} tokens", f"{result['wasted_fraction']} of the job's"),
