@@ -170,6 +170,8 @@ class _Run:
     store_seconds: float = 0.0
     cancelled: bool = False
     wasted_tokens: int = 0
+    results: int = 0
+    """Results this delivery produced (kept or not)."""
     todo: list[int] = field(default_factory=list)
     """Items this delivery has not yet written or seen dropped."""
     shared: bool = False
@@ -193,7 +195,9 @@ class _Run:
         if self.cancelled_now() or self.outer_stop():
             return True
         now = time.monotonic()
-        if self.time_box and now - self.started >= self.time_box:
+        # the time box hands on what is left once this delivery has made some progress (a box
+        # shorter than one micro-batch must not hand the whole chunk on again and again)
+        if self.time_box and now - self.started >= self.time_box and self.results:
             self.boxed = True
             return True
         if self.control is None or now < self.next_check:
@@ -215,6 +219,7 @@ class _Run:
         self.tokens += generated
         kept = set(new)
         self.progress(len(results))
+        self.results += len(results)
         seen = {r.index for r in results}
         self.todo = [i for i in self.todo if i not in seen]
         lost = [r for r in results if r.index not in kept]
