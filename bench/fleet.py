@@ -1,11 +1,14 @@
 """A mixed fleet: one full-speed worker and one slowed to a fraction of a CPU by a cgroup.
 
-    python -m bench.fleet [--json] [--items 192] [--new-tokens 32] [--chunk-size 8] [--quota 0.1]
+    python -m bench.fleet [--json] [--items 480] [--new-tokens 200] [--chunk-size 24] [--quota 0.05]
 
-Real ``redis-server``, real ``genq-worker start`` processes (one torch thread each), the ~200M
-benchmark model (``--tiny``: the tiny model, a smoke run).  The slow worker runs in a cgroup v1
-CPU group (``/sys/fs/cgroup/cpu/<group>``, ``cpu.cfs_quota_us`` = ``--quota`` × the period) that
-this benchmark creates and removes; where that is not writable it prints why and skips.
+Real ``redis-server``, real ``genq-worker start`` processes (one torch thread each) and, by
+default, the tiny model: what is measured is scheduling (who runs which items when), and on the
+shared 2-core machine the ~200M benchmark model (``--bench-model``) made one run last an hour.
+A chunk of 24 items × 200 tokens takes seconds on the fast worker, as the figure needs.  The slow
+worker runs in a cgroup v1 CPU group (``/sys/fs/cgroup/cpu/<group>``, ``cpu.cfs_quota_us`` =
+``--quota`` × the period) that this benchmark creates and removes; where that is not writable it
+prints why and skips.
 
 Both workers load at full speed, then the slow one's group is limited.  The same job runs twice:
 on both (``makespan_fleet``), then, the slow worker gone, on the fast worker alone
@@ -14,7 +17,7 @@ rates (the fast worker's from its run alone, the slow worker's from its ``chunk_
 the fleet run), the makespan of a fleet that wastes nothing.  ``fleet_vs_fast_alone`` ≤ 1.0
 means adding the slow worker never made the job slower; ``wasted_tokens`` are tokens generated
 and not kept (the job's ``wasted_tokens``: backups at the tail), also as a fraction of the job's
-completion tokens.  The chunk size (8) keeps one chunk at a few seconds on the fast worker.
+completion tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -81,12 +85,13 @@ def run_job(
     records: list[dict[str, Any]],
     chunk_size: int,
     workers: list[WorkerProcess],
+    job_id: str,
 ) -> dict[str, Any]:
     from producer import Client
 
     client = Client(server.url)
     started = time.perf_counter()
-    job = client.submit(records, profile=str(profile), chunk_size=chunk_size)
+    job = client.submit(records, profile=str(profile), chunk_size=chunk_size, job_id=job_id)
     state = job.wait(timeout=7200)
     seconds = time.perf_counter() - started
     assert state.counts.succeeded == len(records), state.as_dict()
@@ -130,11 +135,14 @@ def warm(server: RedisServer, profile: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="genq: a full-speed worker and a cgroup-slowed one")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--items", type=int, default=192)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8)
-    parser.add_argument("--quota", type=float, default=0.1, help="the slow worker's share of one CPU")
-    parser.add_argument("--tiny", action="store_true", help="the tiny model (a smoke run, not a figure)")
+    parser.add_argument("--items", type=int, default=480)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--chunk-size", type=int, default=24)
+    parser.add_argument("--quota", type=float, default=0.05, help="the slow worker's share of one CPU")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (the default)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the median is reported")
+    parser.add_argument("--logs", type=Path, help="copy the workers' logs here")
+    parser.add_argument("--bench-model", action="store_true", help="the ~200M benchmark model instead")
     args = parser.parse_args(argv)
 
     reason = cgroup_unavailable()
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home = bench_home()
     with tempfile.TemporaryDirectory(prefix="genq-bench-fleet-") as tmp:
         folder = Path(tmp)
-        profile = bench_profile_yaml(folder, tiny=args.tiny, home=home)
+        profile = bench_profile_yaml(folder, tiny=not args.bench_model, home=home)
         items = mixed_prompts(profile, args.items, args.new_tokens)
         records = [{"id": it.id, "prompt": it.prompt, "max_new_tokens": args.new_tokens} for it in items]
         server = RedisServer(folder / "redis")
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fast = WorkerProcess(
             server.url, folder / "fast.log", profile=str(profile), mode="fp32", name="fast", env=env
         )
+        fleets: list[dict[str, Any]] = []
+        alone: list[dict[str, Any]] = []
         try:
             with cpu_group() as group:
                 slow = WorkerProcess(
@@ -177,24 +187,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     in_cgroup = bool((group / "cgroup.procs").read_text().split())
                     warm(server, profile)
                     limit(group, args.quota)
-                    print(
-                        f"[fleet] fast + slow ({args.quota:.0%} of a CPU): {len(records)} items", flush=True
-                    )
-                    fleet = run_job(server, profile, records, args.chunk_size, [fast, slow])
-                    print(f"[fleet] fleet: {fleet['seconds']:.1f} s", flush=True)
-                    slow_speed = token_rate(slow, fleet["job"])
+                    share = f"{args.quota:.0%} of a CPU"
+                    for rep in range(args.repeat):
+                        print(f"[fleet] fast + slow ({share}): {len(records)} items", flush=True)
+                        run = run_job(server, profile, records, args.chunk_size, [fast, slow], f"fleet-{rep}")
+                        run["slow_tok_s"] = token_rate(slow, run["job"])
+                        fleets.append(run)
+                        print(f"[fleet] fleet: {run['seconds']:.1f} s", flush=True)
                 finally:
                     slow.kill()
-            print("[fleet] the fast worker alone ...", flush=True)
-            alone = run_job(server, profile, records, args.chunk_size, [fast])
-            print(f"[fleet] fast alone: {alone['seconds']:.1f} s", flush=True)
+            for rep in range(args.repeat):
+                print("[fleet] the fast worker alone ...", flush=True)
+                alone.append(run_job(server, profile, records, args.chunk_size, [fast], f"alone-{rep}"))
+                print(f"[fleet] fast alone: {alone[-1]['seconds']:.1f} s", flush=True)
         finally:
             with suppress(Exception):
                 fast.stop()
             server.stop()
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in folder.glob("*.log"):
+                    shutil.copy(log, args.logs / log.name)
 
     n = len(records)
-    fast_speed = alone["tokens"] / alone["seconds"]
+    # the median run of each (by makespan); the machine's load moves single runs
+    fleet = sorted(fleets, key=lambda x: x["seconds"])[(len(fleets) - 1) // 2]
+    solo = sorted(alone, key=lambda x: x["seconds"])[(len(alone) - 1) // 2]
+    slow_speed = fleet["slow_tok_s"]
+    fast_speed = solo["tokens"] / solo["seconds"]
     ideal = fleet["tokens"] / (fast_speed + (slow_speed or 0.0))
     result = {
         "benchmark": "fleet",
@@ -204,13 +224,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "slow_cpu_quota": args.quota,
         "slow_in_cgroup": in_cgroup,
-        "model": "tiny-random" if args.tiny else "bench-200m",
-        "makespan_fast_alone": round(alone["seconds"], 2),
+        "model": "bench-200m" if args.bench_model else "tiny-random",
+        "makespan_fast_alone": round(solo["seconds"], 2),
         "makespan_fleet": round(fleet["seconds"], 2),
+        "runs_fast_alone": [round(x["seconds"], 2) for x in alone],
+        "runs_fleet": [round(x["seconds"], 2) for x in fleets],
         "ideal": round(ideal, 2),
         "fast_tok_s": round(fast_speed, 2),
         "slow_tok_s": round(slow_speed, 2) if slow_speed else None,
-        "fleet_vs_fast_alone": round(fleet["seconds"] / alone["seconds"], 3),
+        "fleet_vs_fast_alone": round(fleet["seconds"] / solo["seconds"], 3),
         "fleet_vs_ideal": round(fleet["seconds"] / ideal, 3),
         "items_per_worker": fleet["per_worker"],
         "backups": fleet["backups"],
