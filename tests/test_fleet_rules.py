@@ -162,3 +162,30 @@ def test_a_chunk_taken_over_goes_on_with_the_rest_and_counts_what_it_could_not_k
     raw = job_hash(store)
     assert int(raw.get("wasted_tokens", 0)) == dropped
     assert job_hash(store)["status"] == "completed"
+
+
+def test_results_a_chunk_could_not_keep_are_counted_as_wasted(
+    store: RedisStore, engines: dict[str, Engine]
+) -> None:
+    """Another worker records 8 items of a chunk just after its run started (a second delivery:
+    no backup record, so the run has no reason to look): the run generates every item, those 8
+    are dropped, and their tokens are the job's ``wasted_tokens``."""
+    new_job(store, 12, chunk_size=12)
+    stolen = list(range(4, 12))
+    calls = 0
+
+    def another_writer_first() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            assert run(store, engines["b"], "r1", stolen).outcome == ChunkOutcome.DONE
+        return False
+
+    with capture_logs() as logs:
+        outcome = run(store, engines["a"], "c000000", list(range(12)), should_stop=another_writer_first)
+    assert outcome.outcome == ChunkOutcome.DONE
+    writes = [e for e in logs if e["event"] == "results_written" and e["chunk"] == "c000000"]
+    dropped = sum(e["dropped_tokens"] for e in writes)
+    raw = job_hash(store)
+    assert dropped > 0 and int(raw["wasted_tokens"]) == dropped
+    assert int(raw["wasted_items"]) == sum(e["dropped"] for e in writes) == len(stolen)

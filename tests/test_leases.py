@@ -116,6 +116,7 @@ def test_a_live_workers_chunk_running_3x_the_lease_is_never_put_back(lab: Lab, t
         assert status == "completed"
         logs = [lab.slow.log_path, peer.log_path]
         received = deliveries(logs, job)
+        assert received == {"c000000": 1}, received
         done = wait_for(
             lambda: log_events(lab.slow.log_path, "chunk_done", job=job), timeout=60, what="chunk_done"
         )  # logged just after the last result, which ends the job
