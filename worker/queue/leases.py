@@ -51,7 +51,6 @@ class LeaseKeeper:
         self.runtime = runtime
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -80,7 +79,10 @@ class LeaseKeeper:
             self._thread.start()
 
     def _loop(self) -> None:
-        while not self.runtime.stop_event.wait(self.interval):
+        # not the worker's stop event: a stopping worker finishes its micro-batch and hands the
+        # chunk back, and its lease must hold until then
+        while True:
+            time.sleep(self.interval)
             self.renew()
 
     def renew(self) -> None:
