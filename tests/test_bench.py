@@ -4,6 +4,7 @@ figures rest on compute what they say."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import engine, flops, gpu, grammars, prefix, queue, scaling, structured
+from bench import engine, fleet, flops, gpu, grammars, prefix, queue, scaling, structured
 from tests.helpers import REPO, env_for
 
 
@@ -28,6 +29,17 @@ def test_scaling_benchmark_smoke() -> None:
     result = scaling.main(["--tiny", "--items", "16", "--new-tokens", "4", "--chunk-size", "2"])
     assert result["scaling"] > 0
     assert sum(result["items_per_worker"].values()) == 16
+
+
+def test_fleet_benchmark_smoke() -> None:
+    """Both workers, the cgroup made and removed (or a skip that says why)."""
+    args = ["--tiny", "--items", "16", "--new-tokens", "4", "--chunk-size", "4", "--quota", "0.5"]
+    result = fleet.main(args)
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    assert result["slow_in_cgroup"] and result["makespan_fleet"] > 0 and result["makespan_fast_alone"] > 0
+    assert sum(result["items_per_worker"].values()) == 16 and result["wasted_tokens"] >= 0
+    assert not (fleet.CGROUP_CPU / f"genq-bench-slow-{os.getpid()}").exists()
 
 
 def test_engine_benchmark_smoke() -> None:

@@ -2,9 +2,11 @@
 
 Two real ``genq-worker`` processes share one real Redis.  Their profile is the tiny model run one
 row at a time (micro-batches of 4 items, each item written as it finishes) and each micro-batch
-sleeps 0.5 s after it (``GENQ_FAULT_SLOW_MS``), with ``GENQ_VISIBILITY_TIMEOUT=5``: kombu's sweep
-(every second here, :mod:`worker.queue.redelivery`) puts back an unacknowledged chunk 5-6 s after
-it was delivered.
+sleeps 0.5 s after it (``GENQ_FAULT_SLOW_MS``), with ``GENQ_VISIBILITY_TIMEOUT=5`` and workers
+that never renew their chunks' leases (``GENQ_FAULT_NO_LEASE_RENEWAL``, what every worker did
+before leases): kombu's sweep (every second here, :mod:`worker.queue.redelivery`) and genq's lease
+sweep put back an unacknowledged chunk 5-6 s after it was delivered.  (A live worker renews its
+lease: tests/test_leases.py shows that its chunk is then never put back.)
 
 * A chunk of 64 items lasts about 9 s, so it is put back while its first worker still runs it
   and the other, idle, takes it: two live workers generate the same items, and first write wins
@@ -66,6 +68,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         "GENQ_VISIBILITY_TIMEOUT": str(VISIBILITY),
         "GENQ_FAULT_SLOW_MS": str(SLOW_MS),
         "GENQ_MAX_ATTEMPTS": "10",
+        "GENQ_FAULT_NO_LEASE_RENEWAL": "1",
+        "GENQ_BACKUP": "false",  # two live workers on one chunk by a lapsed lease, not a backup
     }
     workers = [
         WorkerProcess(server.url, folder / f"{name}.log", profile=PROFILE, name=name, env=env)

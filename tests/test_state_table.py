@@ -70,6 +70,8 @@ HASH_FIELDS = {
     *(str(f) for f in CountField),
     "prompt_tokens",
     "completion_tokens",
+    "wasted_tokens",
+    "wasted_items",
     "inputs_written",
     "created_at",
     "updated_at",

@@ -43,6 +43,9 @@ from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult,
 from worker.core.states import ChunkOutcome, JobStatus
 
 ResultCallback = Callable[[list[ItemResult]], None]
+
+TAKEOVER_CHECK = 1.0
+"""Seconds between checks, while a chunk runs, for items of it recorded by another worker."""
 Publish = Callable[[JobSpec, dict[str, list[int]]], object]
 
 
@@ -94,6 +97,8 @@ class JobControl(Protocol):
     def expire_if_due(self, job_id: str, now: float | None = None) -> bool: ...
     def settle(self, job_id: str) -> bool: ...
     def clear_running(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
+    def backed_up(self, job_id: str, cid: str) -> bool: ...
+    def add_waste(self, job_id: str, tokens: int, items: int) -> int: ...
 
 
 @dataclass
@@ -144,6 +149,20 @@ def make_chunks(indices: Sequence[int], size: int, prefix: str) -> dict[str, lis
     }
 
 
+def backup_id(cid: str) -> str:
+    """The chunk that takes over the unfinished items of ``cid`` on another worker (at most one)."""
+    return f"{cid}.b"
+
+
+def is_backup(cid: str) -> bool:
+    return cid.endswith(".b")
+
+
+def rest_id(cid: str) -> str:
+    """The chunk holding what was left of ``cid`` when its time box ran out."""
+    return f"{cid}.r"
+
+
 def split(cid: str, indices: Sequence[int]) -> dict[str, list[int]]:
     half = (len(indices) + 1) // 2
     return {f"{cid}.0": list(indices[:half]), f"{cid}.1": list(indices[half:])}
@@ -167,9 +186,45 @@ class _Run:
     tokens: int = 0
     store_seconds: float = 0.0
     cancelled: bool = False
+    wasted_tokens: int = 0
+    results: int = 0
+    """Results this delivery produced (kept or not)."""
+    todo: list[int] = field(default_factory=list)
+    """Items this delivery has not yet written or seen dropped."""
+    shared: bool = False
+    """Another worker works on these items too (this is a backup, or the chunk has one)."""
+    taken: bool = False
+    """Items of ``todo`` were recorded by another worker: run the engine again on the rest."""
+    boxed: bool = False
+    """The time box ran out: what is left is handed on as a new chunk."""
+    time_box: float = 0.0
+    outer_stop: Callable[[], bool] = lambda: False
+    progress: Callable[[int], None] = lambda n: None
+    started: float = field(default_factory=time.monotonic)
+    next_check: float = 0.0
 
     def on_results(self, results: list[ItemResult]) -> None:
         self.write(results)
+
+    def should_stop(self) -> bool:
+        """Asked by the engine between micro-batches: a cancel, a shutdown, the time box, or (at
+        most every :data:`TAKEOVER_CHECK` seconds) items of this chunk recorded by another worker."""
+        if self.cancelled_now() or self.outer_stop():
+            return True
+        now = time.monotonic()
+        # the time box hands on what is left once this delivery has made some progress (a box
+        # shorter than one micro-batch must not hand the whole chunk on again and again)
+        if self.time_box and now - self.started >= self.time_box and self.results:
+            self.boxed = True
+            return True
+        if self.control is None or now < self.next_check:
+            return False
+        self.next_check = now + TAKEOVER_CHECK
+        job_id, cid = self.ref.job_id, self.ref.chunk_id
+        self.shared = self.shared or self.control.backed_up(job_id, cid)
+        if self.shared and len(self.store.pending_indices(job_id, self.todo)) < len(self.todo):
+            self.taken = True
+        return self.taken
 
     def write(self, results: Sequence[ItemResult]) -> int:
         """Record ``results`` (first write wins) and log what was written and what dropped."""
@@ -180,12 +235,24 @@ class _Run:
         self.written += len(new)
         self.tokens += generated
         kept = set(new)
+        self.progress(len(results))
+        self.results += len(results)
+        seen = {r.index for r in results}
+        self.todo = [i for i in self.todo if i not in seen]
+        lost = [r for r in results if r.index not in kept]
+        # generated and not kept: another write of these items came first (work done twice)
+        wasted = sum(r.usage.completion_tokens for r in lost)
+        if lost and self.control is not None:
+            self.wasted_tokens += wasted
+            self.control.add_waste(self.ref.job_id, wasted, len(lost))
+            observer().wasted(wasted)
         self.log.info(
             "results_written",
             generated=len(results),
             written=len(new),
             dropped=len(results) - len(new),
             generated_tokens=generated,
+            dropped_tokens=wasted,
             attempt=self.attempt,
             written_indices=sorted(kept),
             dropped_indices=sorted(r.index for r in results if r.index not in kept),
@@ -214,17 +281,35 @@ def process_chunk(
     publish: Publish,
     control: JobControl | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    time_box: float = 0.0,
+    progress: Callable[[int], None] = lambda n: None,
 ) -> Outcome:
     """Run one chunk to the end (or hand it back).  Raises ShutdownRequested to hand back.
 
     A chunk of a job that is gone, or of another incarnation of its id (deleted and submitted
     again), is dropped, also when that happens while it runs: its results are never counted for
-    the job stored now (the store refuses them in the same step that would write them)."""
+    the job stored now (the store refuses them in the same step that would write them).
+
+    ``time_box``: seconds after which what is left is published as a new chunk (0: none);
+    ``progress`` is told how many results each write carried (the worker's measured speed)."""
     started = time.perf_counter()
     job_id, cid = ref.job_id, ref.chunk_id
     log = get_logger(job=job_id, chunk=cid, worker=worker)
     try:
-        return _process(store, engine, ref, worker, max_attempts, publish, control, should_stop, started, log)
+        return _process(
+            store,
+            engine,
+            ref,
+            worker,
+            max_attempts,
+            publish,
+            control,
+            should_stop,
+            started,
+            log,
+            time_box=time_box,
+            progress=progress,
+        )
     except JobNotFound as exc:  # deleted (or expired, or submitted again) under us: nothing to do
         log.info("chunk_of_missing_job", reason=exc.message)
         return Outcome(ChunkOutcome.SKIPPED, seconds=time.perf_counter() - started)
@@ -244,6 +329,9 @@ def _process(
     should_stop: Callable[[], bool],
     started: float,
     log: Any,
+    *,
+    time_box: float,
+    progress: Callable[[int], None],
 ) -> Outcome:
     job_id, cid = ref.job_id, ref.chunk_id
     closed = _closed(control, job_id)
@@ -260,11 +348,23 @@ def _process(
             control.settle(job_id)
         return Outcome(ChunkOutcome.CANCELLED if exc.state != JobStatus.COMPLETED else ChunkOutcome.SKIPPED)
     observer().delivery(job_id, attempts)
-    run = _Run(store, control, ref, spec, worker, log, attempt=attempts)
+    run = _Run(
+        store,
+        control,
+        ref,
+        spec,
+        worker,
+        log,
+        attempt=attempts,
+        shared=is_backup(cid),
+        time_box=time_box,
+        outer_stop=should_stop,
+        progress=progress,
+    )
     try:
         if attempts > max_attempts:
             return _past_cap(run, pending, attempts, publish)
-        return _generate(run, engine, pending, attempts, publish, should_stop, started)
+        return _generate(run, engine, pending, attempts, publish, started)
     finally:
         if control is not None:
             control.clear_running(job_id, cid, inc=ref.inc)
@@ -317,7 +417,6 @@ def _generate(
     pending: list[int],
     attempts: int,
     publish: Publish,
-    should_stop: Callable[[], bool],
     started: float,
 ) -> Outcome:
     job_id, cid = run.ref.job_id, run.ref.chunk_id
@@ -331,26 +430,39 @@ def _generate(
         run.write(invalid)
     bind(job=job_id, chunk=cid)
     gen_started = time.perf_counter()
+    todo = [it for it in items if it.invalid is None]
+    run.todo = [it.index for it in todo]
     try:
-        engine.generate(
-            [it for it in items if it.invalid is None],
-            job_params=run.spec.defaults,
-            system_prompt=run.spec.system_prompt,
-            on_results=run.on_results,
-            should_stop=lambda: run.cancelled_now() or should_stop(),
-            attempts=attempts,
-        )
-    except ShutdownRequested:
-        if run.cancelled:
-            return Outcome(
-                ChunkOutcome.CANCELLED,
-                written=run.written,
-                tokens=run.tokens,
-                seconds=time.perf_counter() - started,
-            )
-        run.store.undo_attempt(job_id, cid, inc=run.ref.inc)
-        run.log.info("chunk_handed_back", written=run.written)
-        raise
+        while todo:
+            try:
+                engine.generate(
+                    todo,
+                    job_params=run.spec.defaults,
+                    system_prompt=run.spec.system_prompt,
+                    on_results=run.on_results,
+                    should_stop=run.should_stop,
+                    attempts=attempts,
+                )
+                break
+            except ShutdownRequested:
+                if run.cancelled:
+                    return Outcome(
+                        ChunkOutcome.CANCELLED,
+                        written=run.written,
+                        tokens=run.tokens,
+                        seconds=time.perf_counter() - started,
+                    )
+                if run.taken:  # another worker recorded some of these items: run the rest
+                    run.taken = False
+                    run.todo = run.store.pending_indices(job_id, run.todo)
+                    run.log.info("chunk_shared", left=len(run.todo), written=run.written)
+                    todo = run.store.items(job_id, run.todo) if run.todo else []
+                    continue
+                if run.boxed:
+                    return _hand_on(run, publish, started)
+                run.store.undo_attempt(job_id, cid, inc=run.ref.inc)
+                run.log.info("chunk_handed_back", written=run.written)
+                raise
     except (JobNotFound, JobRefused):
         raise  # the job went away or ended under us: process_chunk drops the chunk
     except Exception as exc:
@@ -369,11 +481,28 @@ def _generate(
         items=len(pending),
         written=run.written,
         tokens=run.tokens,
+        wasted_tokens=run.wasted_tokens,
         seconds=round(outcome.seconds, 4),
         gen_seconds=round(gen_seconds, 4),
         store_seconds=round(run.store_seconds, 4),
     )
     return outcome
+
+
+def _hand_on(run: _Run, publish: Publish, started: float) -> Outcome:
+    """The time box ran out: publish what is left as a new chunk any worker may take (this
+    delivery then ends and is acknowledged; the items it wrote stay written)."""
+    job_id, cid = run.ref.job_id, run.ref.chunk_id
+    left = run.store.pending_indices(job_id, run.todo)
+    children = run.store.add_chunks(job_id, {rest_id(cid): left}, inc=run.ref.inc) if left else {}
+    if children:
+        publish(run.spec, children)
+    seconds = time.perf_counter() - started
+    run.log.info("chunk_time_boxed", written=run.written, left=len(left), children=list(children))
+    observer().chunk_done(ChunkOutcome.SPLIT, seconds)
+    return Outcome(
+        ChunkOutcome.SPLIT, written=run.written, tokens=run.tokens, seconds=seconds, children=children
+    )
 
 
 def _engine_failed(run: _Run, pending: list[int], exc: Exception, attempts: int, publish: Publish) -> Outcome:

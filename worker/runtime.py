@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,14 @@ class Stats:
     rate: float = 0.0
     """Completion tokens per second while generating (exponentially weighted)."""
     current: str | None = None
+    current_since: float | None = None
+    """``time.time()`` when the current chunk started (None between chunks)."""
+    current_done: int = 0
+    """Results the current chunk has produced so far (kept or not)."""
+    done: int = 0
+    """Results the chunks before it produced (kept or not)."""
+    busy_seconds: float = 0.0
+    """Seconds spent running those chunks."""
 
     def add(self, items: int, tokens: int, seconds: float) -> None:
         self.items += items
@@ -44,6 +53,27 @@ class Stats:
         if seconds > 0 and tokens:
             inst = tokens / seconds
             self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * inst
+
+    def start(self, current: str) -> None:
+        self.current, self.current_since, self.current_done = current, time.time(), 0
+
+    def progress(self, results: int) -> None:
+        self.current_done += results
+
+    def stop(self) -> None:
+        if self.current_since is not None:
+            self.busy_seconds += max(0.0, time.time() - self.current_since)
+        self.done += self.current_done
+        self.current, self.current_since, self.current_done = None, None, 0
+
+    def items_per_second(self) -> float:
+        """This worker's measured speed: results per second while running chunks, the current
+        one included (0 before its first result)."""
+        seconds = self.busy_seconds
+        if self.current_since is not None:
+            seconds += max(0.0, time.time() - self.current_since)
+        items = self.done + self.current_done
+        return items / seconds if items and seconds > 0 else 0.0
 
 
 class Runtime:
@@ -56,6 +86,10 @@ class Runtime:
         self.loaded: Loaded | None = None
         self.profile: Profile | None = None
         self.mode: Mode | None = None
+        self.backup_sent_at: float | None = None
+        """When this worker last published a backup chunk (cleared when it runs a chunk)."""
+        self.beat_hooks: list[Callable[[], None]] = []
+        """What the queue layer runs on each heartbeat (the lease sweep, backup execution)."""
         self.queues: list[str] = []
         """The broker queues this process consumes, in order (set by the queue layer): each
         heartbeat registers it as their consumer and tops them up from the jobs' backlogs."""
@@ -123,6 +157,8 @@ class Runtime:
             "tokens_per_second": round(self.stats.rate, 2),
             "hardware": self.hardware,
             "current": self.stats.current,
+            "current_since": self.stats.current_since,
+            "items_per_second": round(self.stats.items_per_second(), 4),
             "started_at": self.stats.started_at,
             "seen_at": time.time(),
         }
@@ -174,6 +210,12 @@ class Runtime:
                 full_notice().report(self.store.r, self.store.url_display, self.log, exc)
             else:
                 self.log.warning("heartbeat_failed", error=str(exc)[:200])
+        for hook in self.beat_hooks:
+            try:
+                hook()
+            except Exception as exc:  # nor must what runs with it
+                name = getattr(getattr(hook, "func", hook), "__name__", "?")
+                self.log.warning("heartbeat_hook_failed", hook=name, error=str(exc)[:200])
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is not None or not self.settings.broker:

@@ -55,6 +55,10 @@ class Observer:
     def oom_backoff(self, rows: int) -> None:
         """An out-of-memory error with ``rows`` rows: the batch is halved (or the item isolated)."""
 
+    def wasted(self, tokens: int) -> None:
+        """``tokens`` were generated for results the store did not keep (another write of those
+        items came first: a backup at a job's tail, or a chunk whose lease lapsed)."""
+
 
 _observer = Observer()
 

@@ -43,10 +43,28 @@ class Settings(BaseModel):
     """Redis URL (``redis://``, ``rediss://``, with an optional password) used for both the Celery
     broker and the job store.  Unset: ``genq run`` works embedded, in one process."""
 
-    visibility_timeout: int = Field(3600, ge=1)
-    """Seconds before an unacknowledged chunk of a dead worker is delivered again.  Must be well
-    above the longest chunk: a chunk running longer than this may be delivered twice (results stay
-    exactly-once; the work is wasted).  kombu's sweep interval is derived from it."""
+    visibility_timeout: int = Field(21600, ge=1)
+    """The backstop behind chunk leases: seconds after its last lease renewal before kombu itself
+    puts an unacknowledged chunk back on its queue.  Live workers renew their chunks' leases and
+    a dead worker's chunk returns after ``GENQ_LEASE_SECONDS``, so this only matters when no genq
+    worker sweeps expired leases.  Keep it long; kombu's sweep interval is derived from it."""
+
+    lease_seconds: int = Field(30, ge=3)
+    """A worker's hold on a chunk: it renews the lease every third of this while the chunk runs,
+    however long that is; a chunk whose lease lapsed (its worker died or lost Redis) is put back
+    on its queue by the next heartbeat of any live worker, so it is back within about this plus
+    one heartbeat interval.  The visibility timeout caps it when it is lower."""
+
+    backup: bool = True
+    """Backup execution at a job's tail: a worker with nothing queued for its profile and mode
+    takes over the unfinished items of the chunk expected to finish last on a slower worker, when
+    it would finish them sooner (one backup per chunk; first write wins keeps results exactly
+    once, and the work done twice is counted as wasted tokens)."""
+
+    chunk_time_box: float = Field(600.0, ge=0)
+    """Seconds a chunk runs on one worker before what is left of it is handed back as a new chunk
+    that any worker may take (0: no time box), so a chunk's work is bounded in time on every
+    worker class whatever its size."""
 
     max_attempts: int = Field(3, ge=1)
     """Deliveries of one chunk before it is split to isolate an item that kills workers; an item
@@ -114,6 +132,16 @@ class Settings(BaseModel):
     fault_slow_ms: int = Field(0, ge=0)
     """TEST ONLY: sleep this long after each micro-batch, to make a chunk last long enough to
     kill or stop a worker in the middle of it."""
+
+    fault_no_lease_renewal: bool = False
+    """TEST ONLY: never renew chunk leases (what a worker did before leases), so that a chunk
+    outliving the lease is put back on its queue while its first worker still runs it."""
+
+    @property
+    def lease(self) -> float:
+        """Seconds a chunk's lease lasts without renewal: ``lease_seconds``, or the visibility
+        timeout when that is lower (kombu's own sweep would put the chunk back then)."""
+        return float(min(self.lease_seconds, self.visibility_timeout))
 
     @property
     def offload_dir(self) -> Path:

@@ -19,6 +19,7 @@ Series (all gauges, read fresh at each scrape):
   shows them for the newest ``max_jobs``; the rest by their stored status);
 * per job, for the newest ``max_jobs`` jobs: ``genq_job_items{job,profile,count}`` (total,
   succeeded, errored, cancelled, expired, pending), ``genq_job_completion_tokens``,
+  ``genq_job_wasted_tokens``,
   ``genq_job_tokens_per_second``, ``genq_job_eta_seconds`` (only while it can be estimated) —
   the same figures as ``genq status JOB`` (:class:`worker.core.jobstate.JobState`);
 * ``genq_workers{profile,mode,device}``: live workers (fresh heartbeats);
@@ -64,6 +65,7 @@ EXPORTER_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genq_jobs": ("Jobs in the job index by status", ("status",)),
     "genq_job_items": ("Items of a job by count (total, succeeded, errored, ..., pending)", (*JOB, "count")),
     "genq_job_completion_tokens": ("Completion tokens a job has generated", JOB),
+    "genq_job_wasted_tokens": ("Completion tokens generated for a job's items and not kept", JOB),
     "genq_job_tokens_per_second": ("A job's completion tokens per second since it started", JOB),
     "genq_job_eta_seconds": ("Seconds until a job is done at its rate so far (absent: unknown)", JOB),
     "genq_workers": ("Live workers by profile, mode and device", ("profile", "mode", "device")),
@@ -174,11 +176,13 @@ class StoreCollector(Collector):
 
         items, tokens = _family("genq_job_items"), _family("genq_job_completion_tokens")
         rate, eta = _family("genq_job_tokens_per_second"), _family("genq_job_eta_seconds")
+        wasted = _family("genq_job_wasted_tokens")
         for state in recent:
             key = [state.spec.job_id, state.spec.profile]
             for count, n in state.counts.as_dict().items():
                 items.add_metric([*key, count], n)
             tokens.add_metric(key, state.completion_tokens)
+            wasted.add_metric(key, self.store.waste(state.spec.job_id)[0])
             rate.add_metric(key, state.tokens_per_second)
             if state.eta_seconds is not None:
                 eta.add_metric(key, state.eta_seconds)
@@ -193,7 +197,7 @@ class StoreCollector(Collector):
         used, limit = _family("genq_redis_used_memory_bytes"), _family("genq_redis_max_memory_bytes")
         used.add_metric([], memory.used)
         limit.add_metric([], memory.max)
-        yield from (depth, backlog, unacked, jobs, items, tokens, rate, eta, workers, used, limit)
+        yield from (depth, backlog, unacked, jobs, items, tokens, wasted, rate, eta, workers, used, limit)
 
 
 def serve(store: RedisStore, port: int, addr: str = "0.0.0.0", *, max_jobs: int = 20) -> Any:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 PAGE = 1000
 UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+"""kombu's sorted set of unacknowledged delivery tags, scored by delivery time (a chunk's lease:
+:mod:`worker.queue.leases` renews it)."""
 
 
 def _text(raw: bytes | str) -> str:

@@ -60,6 +60,10 @@ BATCH_ROWS = Histogram(
 OOM_BACKOFFS = Counter(
     "genq_oom_backoffs", "Out-of-memory errors that halved the micro-batch or isolated an item"
 )
+WASTED_TOKENS = Counter(
+    "genq_wasted_tokens",
+    "Completion tokens generated for results the store did not keep (work done twice)",
+)
 DELIVERIES = Counter(
     "genq_deliveries",
     "Chunk deliveries started (redelivered: the store had seen this chunk before)",
@@ -90,6 +94,7 @@ METRICS: tuple[MetricWrapperBase, ...] = (
     BATCH_SECONDS,
     BATCH_ROWS,
     OOM_BACKOFFS,
+    WASTED_TOKENS,
     DELIVERIES,
     ATTEMPTS,
     MODEL_LOAD_SECONDS,
@@ -157,6 +162,9 @@ class PrometheusObserver(Observer):
 
     def oom_backoff(self, rows: int) -> None:
         OOM_BACKOFFS.inc()
+
+    def wasted(self, tokens: int) -> None:
+        WASTED_TOKENS.inc(tokens)
 
 
 def _reader(fn: Callable[[], float]) -> Callable[[], float]:

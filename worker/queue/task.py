@@ -20,6 +20,8 @@ from worker.core.errors import JobNotFound, ShutdownRequested, TransientError
 from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
+from worker.queue.backup import backup_hook
+from worker.queue.leases import keeper, sweep_hook
 from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
 from worker.queue.routing import TASK_NAME, worker_queues
@@ -30,10 +32,19 @@ from worker.store.memory import full_notice, is_full, wait_for_room
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime()
-    outcome = _run_chunk(runtime, ref)
+    chunk = ChunkRef.model_validate(ref)
+    # the lease: kombu's delivery record of this message, renewed while the chunk runs
+    tag = (self.request.properties or {}).get("delivery_tag")
+    with keeper(runtime).hold(tag, chunk.job_id, chunk.chunk_id):
+        outcome = _run_chunk(runtime, chunk)
     # before the acknowledgement: the chunk is over, top up the queues (a chunk handed back has
     # raised instead: its message returns to its queue, and the next heartbeat dispatches)
     _dispatch(runtime)
+    # nothing left queued: take over the tail of a slower worker's chunk now, not a beat later
+    try:
+        backup_hook(runtime)
+    except Exception as exc:
+        runtime.log.warning("backup_failed", error=str(exc)[:200])
     return outcome
 
 
@@ -45,8 +56,7 @@ def _dispatch(runtime: Runtime) -> None:
         runtime.log.warning("dispatch_failed", error=str(exc)[:200])
 
 
-def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
-    chunk = ChunkRef.model_validate(ref)
+def _run_chunk(runtime: Runtime, chunk: ChunkRef) -> dict[str, Any]:
     engine = runtime.load()
     store = runtime.store
     log = get_logger(job=chunk.job_id, chunk=chunk.chunk_id, worker=runtime.name)
@@ -65,7 +75,8 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
         items = store.items(chunk.job_id, store.pending_indices(chunk.job_id, chunk.indices))
         store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name, inc=chunk.inc)
         return {"outcome": str(ChunkOutcome.REFUSED)}
-    runtime.stats.current = f"{chunk.job_id}:{chunk.chunk_id}"
+    runtime.stats.start(f"{chunk.job_id}:{chunk.chunk_id}")
+    runtime.backup_sent_at = None
     try:
         outcome = process_chunk(
             store,
@@ -76,6 +87,8 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
             publish=functools.partial(publish_chunks, store=store),
             control=store,
             should_stop=runtime.stop_event.is_set,
+            time_box=runtime.settings.chunk_time_box,
+            progress=runtime.stats.progress,
         )
     except ShutdownRequested:
         raise Reject("worker shutting down: chunk handed back", requeue=True) from None
@@ -87,7 +100,7 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
             log.warning(str(exc.code), error=str(exc))
         raise Reject(f"{exc.code}: chunk handed back", requeue=True) from None
     finally:
-        runtime.stats.current = None
+        runtime.stats.stop()
     if outcome.outcome == ChunkOutcome.EXPIRED:  # this delivery ended the job: take it out of the queues
         withdraw(store, spec)
     runtime.stats.chunks += 1
@@ -129,6 +142,10 @@ def _serve_queues(runtime: Runtime) -> None:
     up from the jobs' backlogs (the first beat is the dispatch at the worker's start)."""
     if not runtime.queues and runtime.profile is not None and runtime.mode is not None:
         runtime.queues = worker_queues(runtime.profile.name, runtime.mode)
+    # each heartbeat also puts back chunks whose lease lapsed, and may start a backup
+    hooks = (sweep_hook, backup_hook)
+    if not any(getattr(h, "func", None) in hooks for h in runtime.beat_hooks):
+        runtime.beat_hooks += [functools.partial(hook, runtime) for hook in hooks]
 
 
 @signals.worker_ready.connect

@@ -6,8 +6,9 @@ a job sets its final status and the retention TTL on all of its keys, and publis
 on the job's events channel, so waiting producers (:class:`JobEvents`) learn at once.
 
 :class:`RedisStore` is the parts together: results (:mod:`.results`), chunks (:mod:`.chunks`),
-the job's life (:mod:`.jobs`, :mod:`.submit`), workers (:mod:`.workers`) and the fair-share
-dispatcher (:mod:`.dispatch`: per-job backlogs moved to the broker queues round robin).
+the job's life (:mod:`.jobs`, :mod:`.submit`), workers (:mod:`.workers`), chunk leases and
+wasted work (:mod:`.leases`) and the fair-share dispatcher (:mod:`.dispatch`: per-job backlogs
+moved to the broker queues round robin).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from worker.store.dispatch import Dispatcher
 from worker.store.events import JobEvents
 from worker.store.files import OutputFiles
 from worker.store.keys import events_channel
+from worker.store.leases import Leases
 from worker.store.submit import SubmitLock, SubmitStore
 from worker.store.workers import WorkerRegistry
 
 __all__ = ["JobEvents", "RedisStore", "SubmitLock", "check_reachable", "connect"]
 
 
-class RedisStore(SubmitStore, WorkerRegistry, OutputFiles, Dispatcher):
+class RedisStore(SubmitStore, WorkerRegistry, OutputFiles, Dispatcher, Leases):
     """The job store.  Every method is safe to call again after a failure (idempotent)."""
 
     def events(self, job_id: str) -> JobEvents:

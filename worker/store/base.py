@@ -31,6 +31,8 @@ SCRIPTS = (
     "unrecord",
     "delete",
     "dispatch",
+    "renew",
+    "waste",
 )
 """The Lua scripts in ``lua/``, each one atomic step of a job's life (read once, at import)."""
 

@@ -61,6 +61,14 @@ class Dispatcher(StoreBase):
             count += len(batch)
         return count
 
+    def queued(self, queues: Sequence[str]) -> int:
+        """Chunk messages waiting on the broker queues ``queues`` (their jobs' backlogs are moved
+        there by every dispatch, so none waits elsewhere when these are empty after one)."""
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return sum(int(n) for n in self._call(pipe.execute))
+
     def backlog_length(self, job_id: str) -> int:
         return int(self._call(self.r.llen, backlog_key(job_id)))
 

@@ -62,7 +62,7 @@ class JobStore(ChunkRecords):
         for name, value in per_worker_raw.items():
             worker, _, what = name.rpartition(":")
             per_worker.setdefault(worker, {})[what] = int(value)
-        horizon = time.time() - self.settings.visibility_timeout
+        horizon = time.time() - self.settings.lease
         live = sum(1 for v in running if float(v.rpartition("|")[2] or 0) >= horizon)
 
         def opt(name: str) -> float | None:
@@ -128,7 +128,7 @@ class JobStore(ChunkRecords):
     def settle(self, job_id: str) -> bool:
         """End a cancelling job once no live worker runs its chunks; True when it ended now."""
         keys = [job_key(job_id), job_key(job_id, "running"), *job_keys(job_id)]
-        horizon = time.time() - self.settings.visibility_timeout
+        horizon = time.time() - self.settings.lease
         return int(self._script("settle", keys, [time.time(), self.settings.result_ttl, horizon])) == 1
 
     def request_cancel(self, job_id: str) -> JobState:
