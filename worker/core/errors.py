@@ -116,6 +116,11 @@ class JobConflict(PermanentError):
     code = ErrorCode.JOB_CONFLICT
 
 
+class FollowConflict(JobConflict):
+    """A second `genq collect --follow` of a job while the first one lives, or a follow whose
+    results went to another output."""
+
+
 # --- item-level outcomes -------------------------------------------------------------------
 
 

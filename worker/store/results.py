@@ -18,23 +18,41 @@ from worker.store.keys import PAGE, job_key, job_keys
 
 class ResultStore(StoreBase):
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]:
+        """The items of ``indices``; one drained meanwhile (done by another delivery and already
+        in a collector's output, its input gone) is left out: there is nothing left to do for it."""
         raw = self._call(self.r.hmget, job_key(job_id, "inputs"), [str(i) for i in indices])
         missing = [i for i, r in zip(indices, raw, strict=True) if r is None]
         if missing:
+            gone = self.drained(job_id, missing)
+            missing = [i for i in missing if i not in gone]
+        if missing:
             raise JobNotFound(f"job {job_id}: inputs {missing[:5]} are missing (expired or deleted)")
-        return [Item.model_validate_json(r) for r in raw]
+        return [Item.model_validate_json(r) for r in raw if r is not None]
 
     def all_items(self, job_id: str, total: int) -> Iterator[Item]:
         for start in range(0, total, PAGE):
             yield from self.items(job_id, range(start, min(start + PAGE, total)))
 
     def done(self, job_id: str, indices: Sequence[int]) -> set[int]:
-        """Which of ``indices`` already have a result."""
+        """Which of ``indices`` already have a result (in Redis, or drained to an output)."""
         pipe = self.r.pipeline(transaction=False)
         for i in indices:
             pipe.hexists(job_key(job_id, "results"), str(i))
         flags = self._call(pipe.execute)
-        return {i for i, f in zip(indices, flags, strict=True) if f}
+        return {i for i, f in zip(indices, flags, strict=True) if f} | self.drained(job_id, indices)
+
+    def drained(self, job_id: str, indices: Sequence[int]) -> set[int]:
+        """Which of ``indices`` a `genq collect --follow` has durably written (``drained`` bits,
+        read in one command per page)."""
+        found: set[int] = set()
+        for start in range(0, len(indices), PAGE):
+            page = indices[start : start + PAGE]
+            args: list[Any] = []
+            for i in page:
+                args += ["GET", "u1", i]
+            bits = self._call(self.r.execute_command, "BITFIELD_RO", job_key(job_id, "drained"), *args)
+            found.update(i for i, bit in zip(page, bits, strict=True) if bit)
+        return found
 
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]:
         done = self.done(job_id, indices)
@@ -86,7 +104,9 @@ class ResultStore(StoreBase):
                 yield int(key), raw, result
 
     def forget(self, job_id: str, entries: Sequence[tuple[int, str, ItemResult]]) -> int:
-        """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job."""
+        """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job.  An
+        error already drained to a collector's output loses its ``drained`` bit too, so its new
+        result is recorded and drained in its turn (before any chunk of it is published)."""
         keys = [job_key(job_id), job_key(job_id, "results"), *job_keys(job_id)]
         removed = 0
         for start in range(0, len(entries), PAGE):
@@ -94,4 +114,10 @@ class ResultStore(StoreBase):
             for index, raw, result in entries[start : start + PAGE]:
                 argv += [index, raw, count_field(result)]
             removed += int(self._script("unrecord", keys, argv))
+            gone = self.drained(job_id, [index for index, _, _ in entries[start : start + PAGE]])
+            if gone:
+                pipe = self.r.pipeline(transaction=False)
+                for index in gone:
+                    pipe.setbit(job_key(job_id, "drained"), index, 0)
+                self._call(pipe.execute)
         return removed
