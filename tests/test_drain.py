@@ -212,3 +212,26 @@ def test_drained_items_stay_done_for_late_writes(redis_server: RedisServer, tmp_
     assert client.store.done(job, list(range(20))) == set(range(20))
     state = client.job(job).status()
     assert state.counts.succeeded == 20 and client.store.r.hlen(f"genq:job:{job}:results") == 0
+
+
+def test_submit_collect_to_submits_then_follows(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`genq submit FILE --collect-to OUT`: one command, the job submitted, followed to its end."""
+    url, n = redis_server.url, 300
+    src = tmp_path / "in.jsonl"
+    write_input(src, n)
+    out = tmp_path / "out.jsonl"
+    r = redis_server.client()
+
+    def fleet() -> None:
+        job = wait_for(lambda: r.zrange("genq:jobs", 0, -1), timeout=120, what="the job")[0]
+        wait_for(lambda: r.hget(f"genq:job:{job}", "status") == "queued", timeout=120, what="the submit")
+        feed(url, job, n, rate=300.0)
+
+    t = threading.Thread(target=fleet, daemon=True)
+    t.start()
+    proc = genq(url, "submit", str(src), "--profile", "tiny-random", "--collect-to", str(out))
+    t.join(timeout=60)
+    job = proc.stdout.strip().splitlines()[-1]
+    assert f"wrote {n} results to {out}" in proc.stderr
+    assert [row["id"] for row in rows(out)] == [f"q{i:08d}" for i in range(n)]
+    assert r.hlen(f"genq:job:{job}:results") == 0
