@@ -27,8 +27,22 @@ def submit(url: str, src: Path, *extra: str) -> str:
     return genq(url, "submit", str(src), "--profile", "tiny-random", *extra).stdout.strip().splitlines()[-1]
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_collector_left() -> Iterator[None]:
+    """A failed test leaves no collector running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def follower(url: str, job_id: str, out: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "collect", job_id, "-o", str(out), "--follow", *extra],
         cwd=REPO,
         env=env_for(url),
@@ -36,6 +50,8 @@ def follower(url: str, job_id: str, out: Path, *extra: str) -> subprocess.Popen[
         stderr=subprocess.PIPE,
         text=True,
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:

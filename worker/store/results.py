@@ -34,24 +34,23 @@ class ResultStore(StoreBase):
             yield from self.items(job_id, range(start, min(start + PAGE, total)))
 
     def done(self, job_id: str, indices: Sequence[int]) -> set[int]:
-        """Which of ``indices`` already have a result (in Redis, or drained to an output)."""
+        """Which of ``indices`` already have a result (in Redis, or drained to an output), in one
+        round trip."""
         pipe = self.r.pipeline(transaction=False)
         for i in indices:
             pipe.hexists(job_key(job_id, "results"), str(i))
-        flags = self._call(pipe.execute)
-        return {i for i, f in zip(indices, flags, strict=True) if f} | self.drained(job_id, indices)
+        for args in _bit_reads(indices):
+            pipe.execute_command("BITFIELD_RO", job_key(job_id, "drained"), *args)
+        replies = self._call(pipe.execute)
+        bits = [bit for page in replies[len(indices) :] for bit in page]
+        return {i for i, f, bit in zip(indices, replies, bits, strict=False) if f or bit}
 
     def drained(self, job_id: str, indices: Sequence[int]) -> set[int]:
-        """Which of ``indices`` a `genq collect --follow` has durably written (``drained`` bits,
-        read in one command per page)."""
+        """Which of ``indices`` a `genq collect --follow` has durably written (``drained`` bits)."""
         found: set[int] = set()
-        for start in range(0, len(indices), PAGE):
-            page = indices[start : start + PAGE]
-            args: list[Any] = []
-            for i in page:
-                args += ["GET", "u1", i]
+        for start, args in zip(range(0, len(indices), PAGE), _bit_reads(indices), strict=True):
             bits = self._call(self.r.execute_command, "BITFIELD_RO", job_key(job_id, "drained"), *args)
-            found.update(i for i, bit in zip(page, bits, strict=True) if bit)
+            found.update(i for i, bit in zip(indices[start : start + PAGE], bits, strict=True) if bit)
         return found
 
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]:
@@ -121,3 +120,12 @@ class ResultStore(StoreBase):
                     pipe.setbit(job_key(job_id, "drained"), index, 0)
                 self._call(pipe.execute)
         return removed
+
+
+def _bit_reads(indices: Sequence[int]) -> Iterator[list[Any]]:
+    """``BITFIELD_RO`` arguments reading the bit of each index, a page at a time."""
+    for start in range(0, len(indices), PAGE):
+        args: list[Any] = []
+        for i in indices[start : start + PAGE]:
+            args += ["GET", "u1", i]
+        yield args
