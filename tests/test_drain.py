@@ -112,6 +112,7 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     assert out.read_bytes() == plain.read_bytes()
     assert not spool_folder(out).exists()
     assert r.hlen(f"genq:job:{job}:results") == 0 and r.hlen(f"genq:job:{job}:inputs") == 0
+    assert r.ttl(f"genq:job:{job}:drained") > 0  # kept as long as the finished job
     state, twin_state = (json.loads(genq(url, "status", j, "--json").stdout) for j in (job, twin))
     assert state["counts"] == twin_state["counts"] and state["counts"]["succeeded"] == n
     batch = json.loads(genq(url, "status", job, "--json", "--format", "openai").stdout)
@@ -137,7 +138,10 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
     first = rows(out)
     assert [row["status"] == "error" for row in first] == [i in bad for i in range(n)]
     r = redis_server.client()
-    assert r.hlen(f"genq:job:{job}:results") == len(bad)  # drained errors stay for a retry
+    # drained errors stay in Redis for a retry, out of the results hash a follower scans
+    assert r.hlen(f"genq:job:{job}:results") == 0
+    assert sorted(map(int, r.hkeys(f"genq:job:{job}:drained_errors"))) == sorted(bad)
+    assert r.hlen(f"genq:job:{job}:inputs") == len(bad)
 
     retried = genq(url, "retry", job)
     assert f"re-enqueued {len(bad)}" in retried.stderr
@@ -157,6 +161,7 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
     state = json.loads(genq(url, "status", job, "--json").stdout)
     assert state["counts"]["succeeded"] == n and state["counts"]["errored"] == 0
     assert not spool_folder(out).exists()
+    assert r.hlen(f"genq:job:{job}:drained_errors") == 0
 
 
 def test_cancel_during_follow(

@@ -335,9 +335,11 @@ def test_claims_are_won_once_and_keys_of_a_partial_job_inherit_its_ttl(
     # three messages published: two go to the broker queue (its depth), one waits in the backlog
     store.enqueue("j1", "genq.q", [["m1", "m2", "m3"]])
     assert store.r.lrange("genq.q", 0, -1) == ["m2", "m1"] and store.backlog_length("j1") == 1
-    # a `collect --follow` drains item 0 (its drained bitmap exists now too)
-    raw = store.r.hget(job_key("j1", "results"), "0") or ""
-    assert store.confirm_drained("j1", [(0, result_digest(raw), False)]) == 1
+    # a `collect --follow` drains item 0 and an error of item 2 (its drained keys exist now too)
+    store.record("j1", [error_result(made[2], ErrorInfo(type=ErrorCode.GENERATION_ERROR, message="x"))])
+    raw = store.r.hmget(job_key("j1", "results"), ["0", "2"])
+    drained = [(0, result_digest(raw[0] or ""), False), (2, result_digest(raw[1] or ""), True)]
+    assert store.confirm_drained("j1", drained) == 2
     ttl = store.r.pttl(job_key("j1"))
     assert 0 < ttl <= store.settings.submit_ttl * 1000
     for key in job_keys("j1"):

@@ -5,7 +5,9 @@ disk.
   while a collector follows the job, that hash holds only the work in flight and kept errors).
 * :meth:`DrainStore.confirm_drained` (``lua/drain.lua``) is called after the collector's fsync:
   it sets each item's ``drained`` bit and deletes its result and input, unless the result
-  changed since it was read.  Errors stay in Redis (marked drained): `genq retry` reads them.
+  changed since it was read.  An error moves to ``drained_errors`` with its input kept, for
+  `genq retry` (out of the results hash, so that a follower's scans stay the size of the work
+  in flight however many items errored).
 * The ``drained`` bitmap is what keeps drained items done: the worker's pending check and
   ``record.lua`` read it, so a late second delivery never writes an item twice.
 * One collector per job: :meth:`DrainStore.take_follow_lease` (``lua/follow_lease.lua``), a key
@@ -57,12 +59,7 @@ class DrainStore(ResultStore):
         """``rows`` of ``(index, result digest, keep)`` are durably in the collector's output:
         mark them drained and delete those not kept (with their inputs).  Returns how many were
         marked (a result replaced since it was read is not)."""
-        keys = [
-            job_key(job_id),
-            job_key(job_id, "results"),
-            job_key(job_id, "inputs"),
-            job_key(job_id, "drained"),
-        ]
+        keys = [job_key(job_id, part) for part in ("", "results", "inputs", "drained", "drained_errors")]
         marked = 0
         for start in range(0, len(rows), PAGE):
             argv: list[Any] = []

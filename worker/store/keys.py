@@ -18,7 +18,8 @@ All keys live under ``genq:``.  A job's keys:
 ``job:<id>:submitter``         string, short TTL: held by the process submitting the job
 ``job:<id>:drained``           bitmap: bit *n* set once item *n* is durably in the output file of
                                a `genq collect --follow` (its result and input then leave Redis;
-                               an error's stay, for `genq retry`)
+                               an error's input stays, for `genq retry`)
+``job:<id>:drained_errors``    hash: item index → ItemResult JSON of an error drained to the output
 ``job:<id>:follower``          string, short TTL: the lease of the job's one ``--follow`` collector
 ``job:<id>:events``            pub/sub channel (not a key): the final status, once
 =============================  ============================================================
@@ -42,7 +43,10 @@ WORKERS_INDEX = f"{PREFIX}workers"
 THROUGHPUT = f"{PREFIX}throughput"
 """Hash: worker class (profile|mode|device|hardware) → the last measured tokens/s (JSON)."""
 
-JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog", "drained")
+DRAIN = ("drained", "drained_errors")
+"""The keys of a job followed by `genq collect --follow` (:mod:`worker.store.drain`)."""
+
+JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog", *DRAIN)
 """The keys a job's data lives in besides its hash: they expire together with it."""
 
 SUBMITTER = "submitter"

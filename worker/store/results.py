@@ -95,24 +95,28 @@ class ResultStore(StoreBase):
                 yield i, (ItemResult.model_validate_json(r) if r is not None else None)
 
     def retryable(self, job_id: str, *, all_errors: bool = False) -> Iterator[tuple[int, str, ItemResult]]:
-        """``(index, stored json, result)`` of each error ``genq retry`` would run again."""
-        scan = self.r.hscan_iter(job_key(job_id, "results"), count=PAGE)
-        for key, raw in guarded_iter(self.url_display, scan):
-            result = ItemResult.model_validate_json(raw)
-            if retryable(result, all_errors=all_errors):
-                yield int(key), raw, result
+        """``(index, stored json, result)`` of each error ``genq retry`` would run again (those
+        drained to a collector's output included)."""
+        for part in ("results", "drained_errors"):
+            scan = self.r.hscan_iter(job_key(job_id, part), count=PAGE)
+            for key, raw in guarded_iter(self.url_display, scan):
+                result = ItemResult.model_validate_json(raw)
+                if retryable(result, all_errors=all_errors):
+                    yield int(key), raw, result
 
     def forget(self, job_id: str, entries: Sequence[tuple[int, str, ItemResult]]) -> int:
         """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job.  An
         error already drained to a collector's output loses its ``drained`` bit too, so its new
         result is recorded and drained in its turn (before any chunk of it is published)."""
-        keys = [job_key(job_id), job_key(job_id, "results"), *job_keys(job_id)]
         removed = 0
         for start in range(0, len(entries), PAGE):
             argv: list[Any] = []
             for index, raw, result in entries[start : start + PAGE]:
                 argv += [index, raw, count_field(result)]
-            removed += int(self._script("unrecord", keys, argv))
+            # an entry is in one of the two hashes: unrecord leaves it alone in the other
+            for part in ("results", "drained_errors"):
+                keys = [job_key(job_id), job_key(job_id, part), *job_keys(job_id)]
+                removed += int(self._script("unrecord", keys, argv))
             gone = self.drained(job_id, [index for index, _, _ in entries[start : start + PAGE]])
             if gone:
                 pipe = self.r.pipeline(transaction=False)
