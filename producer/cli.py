@@ -23,6 +23,7 @@ from producer.cliutil import (
     handle_errors,
     job_params,
     param_options,
+    submitted,
     waiting,
 )
 from producer.metrics_cmd import metrics
@@ -115,6 +116,7 @@ def submit(
     )
     click.echo(job.id)
     if collect_to is not None:
+        submitted()
         _collect(c, job.id, collect_to, "native", False, None, follow=True)
 
 

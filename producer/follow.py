@@ -187,11 +187,14 @@ def follow_collect(
     """Follow ``job`` into ``output`` until it ends (see the module's docstring)."""
     store = job.client.store
     spool = Spool(output, job.id, fmt)
-    if not spool.exists and store.drained_total(job.id) > 0 and not store.undrained(job.id, 1):
-        files = store.output_files(job.id)
+    if not spool.exists and store.drained_total(job.id) > 0:
+        # the items drained so far are in another spool (or a finished output) only
+        where = store.output_files(job.id).get("output_file") or "another output"
+        new = "new results landed since: they belong in that file"
+        nothing = new if store.undrained(job.id, 1) else "nothing new landed since"
         raise FollowConflict(
-            f"job {job.id} was already drained into {files.get('output_file') or 'another output'} "
-            "by `genq collect --follow`, and nothing new has landed since: nothing to collect"
+            f"job {job.id} was already drained by `genq collect --follow` into {where}, and {output} "
+            f"has no spool of it ({nothing}); follow into {where} to finish that file"
         )
     drained = 0
     with Follower(job, poll=poll) as follower:

@@ -145,6 +145,9 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
 
     retried = genq(url, "retry", job)
     assert f"re-enqueued {len(bad)}" in retried.stderr
+    elsewhere = follower(url, job, tmp_path / "elsewhere.jsonl")  # its spool is beside out.jsonl
+    _, refused = elsewhere.communicate(timeout=60)
+    assert elsewhere.returncode == 2 and f"follow into {out.resolve()}" in refused
     worker = WorkerProcess(url, tmp_path / "worker.log", name="drain-retry").start()
     try:
         err = finish(follower(url, job, out))
