@@ -16,6 +16,7 @@ same bytes as a plain `genq collect`.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ from worker.core.errors import FollowConflict, JobNotFound
 from worker.core.jobstate import JobState
 from worker.core.outputs import OutputFormat, dumps_row, result_row
 from worker.core.schema import ItemResult
+from worker.core.settings import get_settings
 from worker.core.states import JobStatus
 from worker.store.drain import result_digest
 from worker.store.keys import PAGE
@@ -206,8 +208,13 @@ def follow_collect(
         last = spool.last()
         if last:
             follower.confirm([(ln.index, ln.digest, ln.kind != "o") for ln in last])
-        for page in follower.pages(on_state=on_state):
+        kill_at = get_settings().fault_follow_kill_at  # test only: die in a window that matters
+        for n, page in enumerate(follower.pages(on_state=on_state), start=1):
+            if kill_at == f"{n}:read":
+                os.kill(os.getpid(), signal.SIGKILL)  # read, not written
             drained += spool.write(spool_lines(job, page, fmt, spool.created))
+            if kill_at == f"{n}:written":
+                os.kill(os.getpid(), signal.SIGKILL)  # on disk, its results still in Redis
             spool.compact()
         state = job.status()
         if include_unfinished and state.status in (JobStatus.CANCELLED, JobStatus.EXPIRED):

@@ -41,11 +41,11 @@ def _no_collector_left() -> Iterator[None]:
             proc.communicate()
 
 
-def follower(url: str, job_id: str, out: Path, *extra: str) -> subprocess.Popen[str]:
+def follower(url: str, job_id: str, out: Path, *extra: str, **env: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "collect", job_id, "-o", str(out), "--follow", *extra],
         cwd=REPO,
-        env=env_for(url),
+        env=env_for(url, **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -121,6 +121,30 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     # a plain collect of the drained job says where its results went
     refused = genq(url, "collect", job, "-o", str(tmp_path / "again.jsonl"), check=False)
     assert refused.returncode == 2 and "--follow" in refused.stderr and str(out.resolve()) in refused.stderr
+
+
+@pytest.mark.parametrize("window", ["2:read", "2:written"])
+def test_a_collector_killed_around_its_write_loses_nothing(
+    redis_server: RedisServer, tmp_path: Path, feeding: list[threading.Thread], window: str
+) -> None:
+    """The windows that matter (a test-only fault: SIGKILL at its 2nd page): results read but
+    not written (they must still be in Redis), or a segment fsynced whose results are still in
+    Redis (confirmed again on restart).  Started again, the file has each item once."""
+    url, n = redis_server.url, 1500
+    src = tmp_path / "in.jsonl"
+    write_input(src, n)
+    job = submit(url, src)
+    start_feed(feeding, url, job, n, rate=300.0)
+    out = tmp_path / "out.jsonl"
+    dying = follower(url, job, out, GENQ_FAULT_FOLLOW_KILL_AT=window)
+    dying.communicate(timeout=120)
+    assert dying.returncode == -signal.SIGKILL
+    r = redis_server.client()
+    assert r.hget(f"genq:job:{job}", "status") != "completed", "the job ended before the kill"
+    err = finish(follower(url, job, out))
+    assert f"wrote {n} results" in err
+    assert [row["id"] for row in rows(out)] == [f"q{i:08d}" for i in range(n)]
+    assert r.hlen(f"genq:job:{job}:results") == 0
 
 
 def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -115,6 +115,11 @@ class Settings(BaseModel):
     """TEST ONLY: sleep this long after each micro-batch, to make a chunk last long enough to
     kill or stop a worker in the middle of it."""
 
+    fault_follow_kill_at: str | None = Field(None, pattern=r"^[1-9][0-9]*:(read|written)$")
+    """TEST ONLY: ``N:read`` makes a `genq collect --follow` process kill itself with SIGKILL
+    once it has read its Nth page of results, before writing it; ``N:written`` right after
+    writing that page's spool segment, before its results leave Redis."""
+
     @property
     def offload_dir(self) -> Path:
         return self.offload_folder or self.home / "offload"
