@@ -60,6 +60,11 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
     return err
 
 
+def following(r: redis.Redis, job_id: str) -> None:
+    """Until a collector holds the job's follow lease (it has started)."""
+    wait_for(lambda: r.exists(f"genq:job:{job_id}:follower"), timeout=120, what="a follower's lease")
+
+
 def drained(r: redis.Redis, job_id: str) -> int:
     return int(r.bitcount(f"genq:job:{job_id}:drained"))
 
@@ -94,9 +99,10 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     genq(url, "collect", twin, "-o", str(plain))
 
     out = tmp_path / "out.jsonl"
-    start_feed(feeding, url, job, n, rate=250.0)
     r = redis_server.client()
     proc = follower(url, job, out)
+    following(r, job)
+    start_feed(feeding, url, job, n, rate=250.0)
     for kill in range(2):
         seen = drained(r, job)
         wait_for(lambda seen=seen: drained(r, job) >= seen + 300, timeout=120, what="more items drained")  # type: ignore[misc]
@@ -111,12 +117,13 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     assert [row["id"] for row in got] == [f"q{i:08d}" for i in range(n)]
     assert out.read_bytes() == plain.read_bytes()
     assert not spool_folder(out).exists()
-    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hlen(f"genq:job:{job}:inputs") == 0
+    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hkeys(f"genq:job:{job}:inputs") == ["0"]
     assert r.ttl(f"genq:job:{job}:drained") > 0  # kept as long as the finished job
     state, twin_state = (json.loads(genq(url, "status", j, "--json").stdout) for j in (job, twin))
     assert state["counts"] == twin_state["counts"] and state["counts"]["succeeded"] == n
     batch = json.loads(genq(url, "status", job, "--json", "--format", "openai").stdout)
     assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    assert batch["endpoint"] == "/v1/completions"  # item 0's input stays to say so
     assert batch["output_file_id"] == str(out.resolve())
     # a plain collect of the drained job says where its results went
     refused = genq(url, "collect", job, "-o", str(tmp_path / "again.jsonl"), check=False)
@@ -134,12 +141,13 @@ def test_a_collector_killed_around_its_write_loses_nothing(
     src = tmp_path / "in.jsonl"
     write_input(src, n)
     job = submit(url, src)
-    start_feed(feeding, url, job, n, rate=300.0)
     out = tmp_path / "out.jsonl"
+    r = redis_server.client()
     dying = follower(url, job, out, GENQ_FAULT_FOLLOW_KILL_AT=window)
+    following(r, job)  # then the results come a page at a time
+    start_feed(feeding, url, job, n, rate=300.0)
     dying.communicate(timeout=120)
     assert dying.returncode == -signal.SIGKILL
-    r = redis_server.client()
     assert r.hget(f"genq:job:{job}", "status") != "completed", "the job ended before the kill"
     err = finish(follower(url, job, out))
     assert f"wrote {n} results" in err
@@ -165,7 +173,7 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
     # drained errors stay in Redis for a retry, out of the results hash a follower scans
     assert r.hlen(f"genq:job:{job}:results") == 0
     assert sorted(map(int, r.hkeys(f"genq:job:{job}:drained_errors"))) == sorted(bad)
-    assert r.hlen(f"genq:job:{job}:inputs") == len(bad)
+    assert r.hlen(f"genq:job:{job}:inputs") == len(bad) + 1  # and item 0
 
     retried = genq(url, "retry", job)
     assert f"re-enqueued {len(bad)}" in retried.stderr
@@ -230,7 +238,7 @@ def test_a_second_follower_is_refused_while_the_first_lives(
     job = submit(url, src)
     first = follower(url, job, tmp_path / "a.jsonl")
     r = redis_server.client()
-    wait_for(lambda: r.exists(f"genq:job:{job}:follower"), timeout=60, what="the first follower's lease")
+    following(r, job)
     second = follower(url, job, tmp_path / "b.jsonl")
     _, err = second.communicate(timeout=60)
     assert second.returncode == 2 and "already followed" in err and str(first.pid) in err

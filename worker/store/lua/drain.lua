@@ -15,7 +15,8 @@ for i = 1, #ARGV, 3 do
     redis.call('SETBIT', drained, tonumber(ARGV[i]), 1)
     redis.call('HDEL', results, ARGV[i])
     if ARGV[i + 2] == '0' then
-      redis.call('HDEL', inputs, ARGV[i])
+      -- item 0's input stays: it tells what the job's items are (the Batch object's endpoint)
+      if ARGV[i] ~= '0' then redis.call('HDEL', inputs, ARGV[i]) end
     else
       redis.call('HSET', errors, ARGV[i], v)
     end
