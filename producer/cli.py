@@ -23,6 +23,7 @@ from producer.cliutil import (
     handle_errors,
     job_params,
     param_options,
+    submitted,
     waiting,
 )
 from producer.metrics_cmd import metrics
@@ -61,6 +62,12 @@ def cli() -> None:
 @click.option("--expires-in", type=float, default=None, help="Seconds; items not done by then are expired.")
 @click.option("--skip-invalid", is_flag=True, help="Record bad lines as errored items instead of refusing.")
 @click.option("--adapter", default=None, help="One of the profile's adapters, for items that name none.")
+@click.option(
+    "--collect-to",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Then follow the job into this file (`genq collect JOB -o FILE --follow`) until it ends.",
+)
 @param_options
 @handle_errors
 def submit(
@@ -74,13 +81,20 @@ def submit(
     expires_in: float | None,
     skip_invalid: bool,
     adapter: str | None,
+    collect_to: Path | None,
     **kw: Any,
 ) -> None:
     """Validate FILE, store it as a job and enqueue its chunks.  Prints the job id last.  The same
-    command again resumes an interrupted submit (or re-enqueues lost chunks), never duplicates."""
+    command again resumes an interrupted submit (or re-enqueues lost chunks), never duplicates.
+    With --collect-to OUT it then follows the job into OUT (the same command resumes both)."""
+    if collect_to is not None:
+        from worker.core.outputs import check_output_path
+
+        check_output_path(collect_to, inputs=[file])
     system_prompt = kw.pop("system_prompt")
     params = job_params(kw)
-    job = client().submit(
+    c = client()
+    job = c.submit(
         file,
         profile=profile,
         job_id=job_id,
@@ -107,6 +121,9 @@ def submit(
         err=True,
     )
     click.echo(job.id)
+    if collect_to is not None:
+        submitted()
+        _collect(c, job.id, collect_to, "native", False, None, follow=True)
 
 
 @cli.command()
@@ -191,9 +208,19 @@ def _redis_full(c: Any) -> str | None:
     default=None,
     help="Write errored items here instead of OUTPUT (OpenAI's error file).",
 )
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Run until JOB ends, writing results as they land and taking them out of Redis; "
+    "run it again after a stop and it resumes.",
+)
 @handle_errors
-def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, errors_file: Path | None) -> None:
-    """Write JOB's results in input order, each item once (finished ones; says what is pending)."""
+def collect(
+    job_id: str, output: Path, fmt: str, include_unfinished: bool, errors_file: Path | None, follow: bool
+) -> None:
+    """Write JOB's results in input order, each item once (finished ones; says what is pending).
+    With --follow: while JOB runs, each result durably spooled next to OUTPUT and then removed
+    from Redis (one follower per job); OUTPUT is written when JOB ends."""
     from worker.core.errors import OutputPathError
     from worker.core.outputs import check_output_path
 
@@ -202,15 +229,47 @@ def collect(job_id: str, output: Path, fmt: str, include_unfinished: bool, error
         check_output_path(errors_file, inputs=[output])
         if errors_file.resolve() == output.resolve():
             raise OutputPathError(f"--errors-file {errors_file} is the output file; choose another")
-    job = client().job(job_id)
-    from producer.collect import write_collected
+    _collect(client(), job_id, output, fmt, include_unfinished, errors_file, follow)
 
-    written, pending, ended, errored = write_collected(job, output, fmt, include_unfinished, errors_file)
-    state = job.status()
+
+def _collect(
+    c: Any,
+    job_id: str,
+    output: Path,
+    fmt: str,
+    include_unfinished: bool,
+    errors_file: Path | None,
+    follow: bool,
+) -> None:
+    from producer.progress import summary_line
+
+    last = [0.0]
+
+    def progress(state: Any) -> None:  # a line a minute while following
+        if time.monotonic() - last[0] >= 60:
+            last[0] = time.monotonic()
+            click.echo(f"following: {summary_line(state)}", err=True)
+
+    got = c.collect(
+        job_id,
+        output,
+        fmt=fmt,
+        follow=follow,
+        include_unfinished=include_unfinished,
+        errors_file=errors_file,
+        on_state=progress if follow else None,
+    )
+    ended = got.ended
     left_out = "" if include_unfinished or not ended else f"{ended} cancelled/expired left out (--all); "
-    to_errors = f"{errored} errors to {errors_file}; " if errors_file is not None else ""
+    to_errors = f"{got.errored} errors to {errors_file}; " if errors_file is not None else ""
+    kept = (
+        f"; kept {got.spool_kept} so that `genq retry` results merge in (the same command again)"
+        if got.spool_kept
+        else ""
+    )
     click.echo(
-        f"wrote {written} results to {output}; {to_errors}{left_out}{pending} pending; status {state.status}",
+        f"wrote {got.written} results to {output}; {to_errors}{left_out}{got.pending} pending; "
+        f"status {got.status}{kept}",
         err=True,
     )
 

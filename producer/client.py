@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
@@ -22,8 +23,9 @@ from pydantic import SecretStr
 from producer.options import SubmitOptions, derived_job_id, new_job_id
 from producer.submit import Source, SubmitReport, Submitter
 from worker.chunks import make_chunks
-from worker.core.errors import ConfigError, InputError, JobNotFound
+from worker.core.errors import ConfigError, FollowConflict, InputError, JobNotFound
 from worker.core.jobstate import JobState
+from worker.core.outputs import OutputFormat
 from worker.core.profiles import load_profile
 from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
 from worker.core.settings import Settings, get_settings
@@ -102,6 +104,14 @@ class Job:
         store = self.client.store
         state = store.state(self.id)  # a job cancelled during its submit: the items it stored
         total, status = state.counts.total, state.status
+        drained = store.drained_total(self.id)
+        if drained:
+            where = store.output_files(self.id).get("output_file") or "its output"
+            raise FollowConflict(
+                f"job {self.id}: {drained} results were drained to {where} by `genq collect --follow` "
+                f"and are no longer in Redis; run `genq collect {self.id} -o {where} --follow` to "
+                "finish that file"
+            )
         ended = status in (JobStatus.CANCELLED, JobStatus.EXPIRED)
         items = store.all_items(self.id, total)
         for (index, result), item in zip(store.results(self.id, total), items, strict=True):
@@ -109,11 +119,25 @@ class Job:
                 result = ended_result(item, status)
             yield index, result, item
 
-    def results(self) -> Iterator[ItemResult]:
-        """Finished results in input order, each item once (pending items are left out)."""
-        for _index, result, _item in self.pairs():
-            if result is not None:
-                yield result
+    def results(self, *, follow: bool = False, poll: float = 0.5) -> Iterator[ItemResult]:
+        """Finished results in input order, each item once (pending items are left out).
+
+        ``follow``: results as they land, until the job ends, and out of Redis: a page (a few
+        thousand, sorted by index; pages are not in input order) is drained when the next one is
+        asked for, so keep each result somewhere durable before iterating further.  A consumer
+        that dies mid-page gets that page again from the next follow.  One follower per job
+        (:class:`~worker.core.errors.FollowConflict` otherwise)."""
+        if follow:
+            from producer.follow import Follower
+
+            with Follower(self, poll=poll) as follower:
+                for page in follower.pages():
+                    for entry in sorted(page, key=lambda entry: entry[0]):
+                        yield entry[2]
+            return
+        for _index, found, _item in self.pairs():
+            if found is not None:
+                yield found
 
     def batch_object(self) -> dict[str, Any]:
         """This job as OpenAI's Batch object (:mod:`producer.batch`)."""
@@ -150,6 +174,21 @@ class Job:
         )
         self.client.publish(spec, chunks)
         return len(indices)
+
+
+@dataclass
+class Collected:
+    """What :meth:`Client.collect` wrote."""
+
+    written: int
+    pending: int
+    ended: int
+    """Cancelled or expired items (left out unless ``include_unfinished``)."""
+    errored: int
+    """Rows written to the errors file."""
+    status: JobStatus
+    spool_kept: Path | None = None
+    """A follow of a job with errors keeps its spool, so that a retry's results merge in."""
 
 
 @dataclass
@@ -251,6 +290,37 @@ class Client:
             source, job_id, on_wait=on_wait
         )
         return Job(self, job_id, report)
+
+    def collect(
+        self,
+        job_id: str,
+        output: str | os.PathLike[str],
+        *,
+        fmt: OutputFormat = "native",
+        follow: bool = False,
+        include_unfinished: bool = False,
+        errors_file: str | os.PathLike[str] | None = None,
+        on_state: Callable[[JobState], None] | None = None,
+    ) -> Collected:
+        """`genq collect`: write the job's results to ``output`` in input order, each item once
+        (errored items to ``errors_file`` when given).  ``follow``: while the job runs, until it
+        ends, taking each result out of Redis once it is durably spooled next to ``output``
+        (:mod:`producer.follow`); run it again after a kill and it resumes."""
+        from producer.collect import write_collected
+        from producer.follow import follow_collect
+
+        job = self.job(job_id)
+        out = Path(output)
+        errors = Path(errors_file) if errors_file is not None else None
+        if follow:
+            report = follow_collect(
+                job, out, fmt, include_unfinished=include_unfinished, errors=errors, on_state=on_state
+            )
+            return Collected(
+                report.written, 0, report.ended, report.errored, report.status, report.spool_kept
+            )
+        written, pending, ended, errored = write_collected(job, out, fmt, include_unfinished, errors)
+        return Collected(written, pending, ended, errored, job.status().status, None)
 
     def job(self, job_id: str) -> Job:
         self.store.spec(job_id)  # raises JobNotFound

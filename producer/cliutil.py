@@ -93,6 +93,11 @@ def announce(job_id: str) -> None:
     click.echo(f"job {job_id}", err=True)
 
 
+def submitted() -> None:
+    """The submit is complete: an interrupt from now on (a follow) leaves no partial job."""
+    _current_job.clear()
+
+
 def waiting() -> None:
     click.echo(
         "another genq submit of this job is running: waiting for it to finish, then resuming", err=True

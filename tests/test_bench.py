@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import engine, fleet, flops, gpu, grammars, prefix, queue, scaling, structured
+from bench import drain, engine, fleet, flops, gpu, grammars, prefix, queue, scaling, structured
 from tests.helpers import REPO, env_for
 
 
@@ -23,6 +23,15 @@ def test_queue_benchmark_smoke() -> None:
     assert result["chunks"] == 3 and result["queue_seconds"] > 0 and result["engine_seconds"] > 0
     assert result["chunk_overhead_ms_median"] is not None and result["chunk_overhead_ms_median"] >= 0
     assert result["status_tok_s"] > 0 and (result["progress_tok_s"] or 0) > 0
+
+
+def test_drain_benchmark_smoke() -> None:
+    """A real `genq collect --follow` process against a real redis-server: both outputs complete,
+    ordered, once and identical; drained Redis below the plain one (the figures: bench/, docs)."""
+    result = drain.main(["--items", "4000", "--rate", "400"])
+    assert result["output_ok"] and result["outputs_identical"]
+    assert 0 < result["redis_peak_mb_follow"] < result["redis_peak_mb_plain"]
+    assert result["collector_peak_rss_mb"] > 0 and result["follow_seconds"] > 0
 
 
 def test_scaling_benchmark_smoke() -> None:

@@ -83,9 +83,12 @@ HASH_FIELDS = {
     "absent",
     "running",
     "handback",
+    "take",
+    "renew",
+    "release",
 }
 """Lower-case words the scripts may quote besides statuses: the job hash's fields, the guard's
-``absent``, and release.lua's two operations."""
+``absent``, release.lua's two operations and follow_lease.lua's three."""
 
 
 def lua_literals() -> dict[str, set[str]]:

@@ -34,6 +34,7 @@ from worker.core.settings import Settings
 from worker.core.states import ChunkOutcome, ErrorCode
 from worker.engine import Engine
 from worker.store import RedisStore
+from worker.store.drain import result_digest
 from worker.store.keys import job_key, job_keys
 
 PROFILE = "tiny-random"
@@ -317,7 +318,7 @@ def test_claims_are_won_once_and_keys_of_a_partial_job_inherit_its_ttl(
 ) -> None:
     """While a job is ``submitting`` (its hash has the submit TTL) every key created for it gets
     that TTL too: inputs, claims, attempts, running, chunk records, results, per-worker figures,
-    the backlog of undispatched messages.
+    the backlog of undispatched messages, the bitmap of items drained to a `collect --follow`.
     A chunk is claimed once.  Finishing the submit lifts the TTL from every key."""
     spec = JobSpec(job_id="j1", profile=PROFILE, chunk_size=2, total=4)
     made = items(4)
@@ -334,6 +335,11 @@ def test_claims_are_won_once_and_keys_of_a_partial_job_inherit_its_ttl(
     # three messages published: two go to the broker queue (its depth), one waits in the backlog
     store.enqueue("j1", "genq.q", [["m1", "m2", "m3"]])
     assert store.r.lrange("genq.q", 0, -1) == ["m2", "m1"] and store.backlog_length("j1") == 1
+    # a `collect --follow` drains item 0 and an error of item 2 (its drained keys exist now too)
+    store.record("j1", [error_result(made[2], ErrorInfo(type=ErrorCode.GENERATION_ERROR, message="x"))])
+    raw = store.r.hmget(job_key("j1", "results"), ["0", "2"])
+    drained = [(0, result_digest(raw[0] or ""), False), (2, result_digest(raw[1] or ""), True)]
+    assert store.confirm_drained("j1", drained) == 2
     ttl = store.r.pttl(job_key("j1"))
     assert 0 < ttl <= store.settings.submit_ttl * 1000
     for key in job_keys("j1"):

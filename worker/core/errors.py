@@ -138,6 +138,11 @@ class JobRefused(JobConflict):
         self.event = event
 
 
+class FollowConflict(JobConflict):
+    """A second `genq collect --follow` of a job while the first one lives, or a follow whose
+    results went to another output."""
+
+
 # --- item-level outcomes -------------------------------------------------------------------
 
 

@@ -143,6 +143,11 @@ class Settings(BaseModel):
         timeout when that is lower (kombu's own sweep would put the chunk back then)."""
         return float(min(self.lease_seconds, self.visibility_timeout))
 
+    fault_follow_kill_at: str | None = Field(None, pattern=r"^[1-9][0-9]*:(read|written)$")
+    """TEST ONLY: ``N:read`` makes a `genq collect --follow` process kill itself with SIGKILL
+    once it has read its Nth page of results, before writing it; ``N:written`` right after
+    writing that page's spool segment, before its results leave Redis."""
+
     @property
     def offload_dir(self) -> Path:
         return self.offload_folder or self.home / "offload"

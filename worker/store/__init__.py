@@ -7,14 +7,16 @@ on the job's events channel, so waiting producers (:class:`JobEvents`) learn at 
 
 :class:`RedisStore` is the parts together: results (:mod:`.results`), chunks (:mod:`.chunks`),
 the job's life (:mod:`.jobs`, :mod:`.submit`), workers (:mod:`.workers`), chunk leases and
-wasted work (:mod:`.leases`) and the fair-share dispatcher (:mod:`.dispatch`: per-job backlogs
-moved to the broker queues round robin).
+wasted work (:mod:`.leases`), the fair-share dispatcher (:mod:`.dispatch`: per-job backlogs
+moved to the broker queues round robin) and draining results to a following collector
+(:mod:`.drain`).
 """
 
 from __future__ import annotations
 
 from worker.store.connection import check_reachable, connect
 from worker.store.dispatch import Dispatcher
+from worker.store.drain import DrainStore
 from worker.store.events import JobEvents
 from worker.store.files import OutputFiles
 from worker.store.keys import events_channel
@@ -25,7 +27,7 @@ from worker.store.workers import WorkerRegistry
 __all__ = ["JobEvents", "RedisStore", "SubmitLock", "check_reachable", "connect"]
 
 
-class RedisStore(SubmitStore, WorkerRegistry, OutputFiles, Dispatcher, Leases):
+class RedisStore(SubmitStore, WorkerRegistry, OutputFiles, Dispatcher, Leases, DrainStore):
     """The job store.  Every method is safe to call again after a failure (idempotent)."""
 
     def events(self, job_id: str) -> JobEvents:

@@ -17,6 +17,11 @@ All keys live under ``genq:``.  A job's keys:
 ``job:<id>:backlog``           list: the job's chunk messages not yet on the broker queue (kombu
                                envelopes), oldest first; :mod:`worker.store.dispatch` moves them
 ``job:<id>:submitter``         string, short TTL: held by the process submitting the job
+``job:<id>:drained``           bitmap: bit *n* set once item *n* is durably in the output file of
+                               a `genq collect --follow` (its result and input then leave Redis;
+                               an error's input stays, for `genq retry`)
+``job:<id>:drained_errors``    hash: item index → ItemResult JSON of an error drained to the output
+``job:<id>:follower``          string, short TTL: the lease of the job's one ``--follow`` collector
 ``job:<id>:events``            pub/sub channel (not a key): the final status, once
 =============================  ============================================================
 
@@ -39,11 +44,17 @@ WORKERS_INDEX = f"{PREFIX}workers"
 THROUGHPUT = f"{PREFIX}throughput"
 """Hash: worker class (profile|mode|device|hardware) → the last measured tokens/s (JSON)."""
 
-JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog")
+DRAIN = ("drained", "drained_errors")
+"""The keys of a job followed by `genq collect --follow` (:mod:`worker.store.drain`)."""
+
+JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog", *DRAIN)
 """The keys a job's data lives in besides its hash: they expire together with it."""
 
 SUBMITTER = "submitter"
 """The submit lock: a key of its own lifetime (never part of :func:`job_keys`' TTL changes)."""
+
+FOLLOWER = "follower"
+"""The lease of the job's ``genq collect --follow``: a key of its own lifetime, like the submit lock."""
 
 PAGE = 1000
 """Items read or written per Redis round trip."""
@@ -60,7 +71,7 @@ def job_keys(job_id: str) -> list[str]:
 
 def all_job_keys(job_id: str) -> list[str]:
     """Every key of the job, its submit lock included (what `genq delete` removes)."""
-    return [*job_keys(job_id), job_key(job_id, SUBMITTER)]
+    return [*job_keys(job_id), job_key(job_id, SUBMITTER), job_key(job_id, FOLLOWER)]
 
 
 def events_channel(job_id: str) -> str:

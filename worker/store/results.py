@@ -19,23 +19,40 @@ from worker.store.keys import PAGE, job_key, job_keys
 
 class ResultStore(StoreBase):
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]:
+        """The items of ``indices``; one drained meanwhile (done by another delivery and already
+        in a collector's output, its input gone) is left out: there is nothing left to do for it."""
         raw = self._call(self.r.hmget, job_key(job_id, "inputs"), [str(i) for i in indices])
         missing = [i for i, r in zip(indices, raw, strict=True) if r is None]
         if missing:
+            gone = self.drained(job_id, missing)
+            missing = [i for i in missing if i not in gone]
+        if missing:
             raise JobNotFound(f"job {job_id}: inputs {missing[:5]} are missing (expired or deleted)")
-        return [Item.model_validate_json(r) for r in raw]
+        return [Item.model_validate_json(r) for r in raw if r is not None]
 
     def all_items(self, job_id: str, total: int) -> Iterator[Item]:
         for start in range(0, total, PAGE):
             yield from self.items(job_id, range(start, min(start + PAGE, total)))
 
     def done(self, job_id: str, indices: Sequence[int]) -> set[int]:
-        """Which of ``indices`` already have a result."""
+        """Which of ``indices`` already have a result (in Redis, or drained to an output), in one
+        round trip."""
         pipe = self.r.pipeline(transaction=False)
         for i in indices:
             pipe.hexists(job_key(job_id, "results"), str(i))
-        flags = self._call(pipe.execute)
-        return {i for i, f in zip(indices, flags, strict=True) if f}
+        for args in _bit_reads(indices):
+            pipe.execute_command("BITFIELD_RO", job_key(job_id, "drained"), *args)
+        replies = self._call(pipe.execute)
+        bits = [bit for page in replies[len(indices) :] for bit in page]
+        return {i for i, f, bit in zip(indices, replies, bits, strict=False) if f or bit}
+
+    def drained(self, job_id: str, indices: Sequence[int]) -> set[int]:
+        """Which of ``indices`` a `genq collect --follow` has durably written (``drained`` bits)."""
+        found: set[int] = set()
+        for start, args in zip(range(0, len(indices), PAGE), _bit_reads(indices), strict=True):
+            bits = self._call(self.r.execute_command, "BITFIELD_RO", job_key(job_id, "drained"), *args)
+            found.update(i for i, bit in zip(indices[start : start + PAGE], bits, strict=True) if bit)
+        return found
 
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]:
         done = self.done(job_id, indices)
@@ -83,22 +100,43 @@ class ResultStore(StoreBase):
                 yield i, (ItemResult.model_validate_json(r) if r is not None else None)
 
     def retryable(self, job_id: str, *, all_errors: bool = False) -> Iterator[tuple[int, str, ItemResult]]:
-        """``(index, stored json, result)`` of each error ``genq retry`` would run again."""
-        scan = self.r.hscan_iter(job_key(job_id, "results"), count=PAGE)
-        for key, raw in guarded_iter(self.url_display, scan):
-            result = ItemResult.model_validate_json(raw)
-            if retryable(result, all_errors=all_errors):
-                yield int(key), raw, result
+        """``(index, stored json, result)`` of each error ``genq retry`` would run again (those
+        drained to a collector's output included)."""
+        for part in ("results", "drained_errors"):
+            scan = self.r.hscan_iter(job_key(job_id, part), count=PAGE)
+            for key, raw in guarded_iter(self.url_display, scan):
+                result = ItemResult.model_validate_json(raw)
+                if retryable(result, all_errors=all_errors):
+                    yield int(key), raw, result
 
     def forget(self, job_id: str, entries: Sequence[tuple[int, str, ItemResult]], *, inc: str = "") -> int:
         """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job;
         refused (:class:`JobRefused`) when the state table allows no retry (a cancelled or
-        expired job, one still submitting)."""
-        keys = [job_key(job_id), job_key(job_id, "results"), *job_keys(job_id)]
+        expired job, one still submitting).  An error already drained to a collector's output
+        loses its ``drained`` bit too, so its new result is recorded and drained in its turn
+        (before any chunk of it is published)."""
         removed = 0
         for start in range(0, max(len(entries), 1), PAGE):
             argv: list[Any] = []
             for index, raw, result in entries[start : start + PAGE]:
                 argv += [index, raw, count_field(result)]
-            removed += int(self._step(Event.RETRY, job_id, inc, "unrecord", keys, argv))
+            # an entry is in one of the two hashes: unrecord leaves it alone in the other
+            for part in ("results", "drained_errors"):
+                keys = [job_key(job_id), job_key(job_id, part), *job_keys(job_id)]
+                removed += int(self._step(Event.RETRY, job_id, inc, "unrecord", keys, argv))
+            gone = self.drained(job_id, [index for index, _, _ in entries[start : start + PAGE]])
+            if gone:
+                pipe = self.r.pipeline(transaction=False)
+                for index in gone:
+                    pipe.setbit(job_key(job_id, "drained"), index, 0)
+                self._call(pipe.execute)
         return removed
+
+
+def _bit_reads(indices: Sequence[int]) -> Iterator[list[Any]]:
+    """``BITFIELD_RO`` arguments reading the bit of each index, a page at a time."""
+    for start in range(0, len(indices), PAGE):
+        args: list[Any] = []
+        for i in indices[start : start + PAGE]:
+            args += ["GET", "u1", i]
+        yield args

@@ -11,9 +11,12 @@ local status, refused = guard(job, ARGV[1], ARGV[2])
 if not status then return refused end
 local now, ttl, worker, n = ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local written, items, ptoks, ctoks = {}, 0, 0, 0
+-- an item drained to a collector's output (its result left Redis) is done: a late write loses
+local drained = job .. ':drained'
 for i = 0, n - 1 do
   local b = 7 + i * 5
-  if redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
+  if redis.call('GETBIT', drained, tonumber(ARGV[b])) == 0
+      and redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
     written[#written + 1] = tonumber(ARGV[b])
     redis.call('HINCRBY', job, ARGV[b + 2], 1)
     if ARGV[b + 2] == 'succeeded' then items = items + 1 end
