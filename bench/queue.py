@@ -70,9 +70,9 @@ def chunk_overheads(log_text: str, job_id: str) -> list[float]:
         for e in parse_events(log_text, "chunk_done", job=job_id)
     }
     return [
-        float(m.group("s")) - engine[m.group("id")]
+        float(m.group("s")) - engine[m.group("id").partition("@")[0]]  # <job>:<chunk>@<incarnation>
         for m in _SUCCEEDED.finditer(log_text)
-        if m.group("id") in engine
+        if m.group("id").partition("@")[0] in engine
     ]
 
 

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from producer.options import SubmitOptions, derived_job_id, new_job_id
 from producer.submit import Source, SubmitReport, Submitter
 from worker.chunks import make_chunks
-from worker.core.errors import ConfigError, InputError
+from worker.core.errors import ConfigError, InputError, JobNotFound
 from worker.core.jobstate import JobState
 from worker.core.profiles import load_profile
 from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
@@ -71,7 +71,8 @@ class Job:
 
     def status(self) -> JobState:
         store = self.client.store
-        store.expire_if_due(self.id)
+        if store.expire_if_due(self.id):
+            self.client.drain(self.id)
         state = store.state(self.id)
         if state.status == JobStatus.CANCELLING and state.live_chunks == 0:
             store.settle(self.id)  # the workers that held its chunks died: end it now
@@ -100,8 +101,8 @@ class Job:
         """``(index, result or None, item)`` in input order, a page at a time.  Items the job's
         cancel or expiry left without a result come with a ``cancelled``/``expired`` result."""
         store = self.client.store
-        total = store.spec(self.id).total
-        status = store.status(self.id)
+        state = store.state(self.id)  # a job cancelled during its submit: the items it stored
+        total, status = state.counts.total, state.status
         ended = status in (JobStatus.CANCELLED, JobStatus.EXPIRED)
         items = store.all_items(self.id, total)
         for (index, result), item in zip(store.results(self.id, total), items, strict=True):
@@ -126,7 +127,11 @@ class Job:
         return batch_object(self.status(), store.output_files(self.id), endpoint=endpoint)
 
     def cancel(self) -> JobState:
-        return self.client.store.request_cancel(self.id)
+        """Cancel: its backlog is dropped in the same step, and the few messages already on its
+        queue are removed (a worker holding one drops it: the job is cancelling)."""
+        state = self.client.store.request_cancel(self.id)
+        self.client.drain(self.id)
+        return state
 
     def retry(self, *, all_errors: bool = False) -> int:
         """Run errored items again: those whose error may pass next time (``worker_lost``,
@@ -135,12 +140,15 @@ class Job:
         store = self.client.store
         spec = store.spec(self.id)
         entries = sorted(store.retryable(self.id, all_errors=all_errors))
+        # refused in one line when the job's state allows no retry (cancelled, expired, submitting)
+        store.forget(self.id, entries, inc=spec.incarnation)
         if not entries:
             return 0
-        store.forget(self.id, entries)
         indices = [index for index, _, _ in entries]
         chunks = store.add_chunks(
-            self.id, make_chunks(indices, spec.chunk_size, prefix=f"r{int(time.time())}-")
+            self.id,
+            make_chunks(indices, spec.chunk_size, prefix=f"r{int(time.time())}-"),
+            inc=spec.incarnation,
         )
         self.client.publish(spec, chunks)
         return len(indices)
@@ -259,28 +267,41 @@ class Client:
     def delete(self, job_id: str) -> Deleted:
         """Remove every key of the job and its waiting messages (a worker holding one of its
         chunks finds the job gone and drops it)."""
-        from worker.queue.messages import drain
-        from worker.queue.routing import queue_name
+        gone = self._delete(job_id, older_than=None)
+        return gone or Deleted(job_id, 0, 0)
+
+    def _delete(self, job_id: str, *, older_than: float | None) -> Deleted | None:
+        """:meth:`delete`; with ``older_than`` (prune) only when the job is still prunable in the
+        step that deletes it (None when it no longer is)."""
+        from worker.queue.messages import withdraw
 
         try:
             spec: JobSpec | None = self.store.spec(job_id)
-        except Exception:
+        except JobNotFound:
             spec = None
-        queues = [queue_name(spec.profile, m, spec.priority) for m in QueueMode] if spec else []
         backlog = self.store.backlog_length(job_id)
-        self.store.forget_backlog(job_id, queues)
-        keys = self.store.delete(job_id)
-        messages = backlog + (drain(self.store.r, queues, job_id) if queues else 0)
-        return Deleted(job_id, keys, messages)
+        keys = self.store.delete(job_id, older_than=older_than)
+        if keys < 0:
+            return None
+        return Deleted(job_id, keys, backlog + (withdraw(self.store, spec) if spec else 0))
+
+    def drain(self, job_id: str) -> int:
+        """Take the job out of the queues: its place in the rings and its messages waiting on
+        the broker queues (cancel, expiry); returns how many messages were removed."""
+        from worker.queue.messages import withdraw
+
+        try:
+            return withdraw(self.store, self.store.spec(job_id))
+        except JobNotFound:
+            return 0
 
     def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:
         """Delete jobs that finished (or partial jobs last touched) more than ``older_than``
-        seconds ago; returns them."""
+        seconds ago; returns them (a job that changed since it was listed is left alone)."""
         found = self.store.prunable(older_than)
-        if not dry_run:
-            for state in found:
-                self.delete(state.spec.job_id)
-        return found
+        if dry_run:
+            return found
+        return [s for s in found if self._delete(s.spec.job_id, older_than=older_than) is not None]
 
 
 def default_output(path: str | os.PathLike[str]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from producer.inputs import InputLimits
 from worker.core.errors import InputError
 from worker.core.profiles import Profile
-from worker.core.schema import GenParams, unset_new_fields
+from worker.core.schema import GenParams, JobSpec, unset_new_fields
 from worker.core.states import Priority, QueueMode
 
 
@@ -30,8 +30,8 @@ class SubmitOptions:
     """The job's adapter, by a name the profile lists (``--adapter``): items that name none run
     with it.  None: the profile's default."""
     priority: Priority = Priority.NORMAL
-    """Not part of what the job is (nor of its derived id): a resubmit of the same input at another
-    priority resumes the job at the priority it was first submitted with."""
+    """Not part of the derived id: a resubmit of the same input at another priority finds the same
+    job, and is refused (naming ``--priority``) rather than moving it to another queue level."""
 
     def check(self) -> None:
         if self.chunk_size < 1:
@@ -67,6 +67,25 @@ class SubmitOptions:
             ]
             + ([f"adapter={self.adapter}"] if self.adapter is not None else [])
         )
+
+
+def option_difference(stored: JobSpec, options: SubmitOptions) -> str | None:
+    """The first option in which ``options`` differ from the job ``stored`` was submitted with,
+    as that job was given it (``--chunk-size 16``), or None when none differs.  The deadline
+    (``--expires-in``) is not compared: a resumed job keeps its first one."""
+    checks: list[tuple[bool, str]] = [
+        (stored.profile == options.profile.name, f"--profile {stored.profile}"),
+        (stored.mode == options.mode, f"--mode {stored.mode}"),
+        (stored.chunk_size == options.chunk_size, f"--chunk-size {stored.chunk_size}"),
+        (
+            stored.skip_invalid == options.skip_invalid,
+            "--skip-invalid" if stored.skip_invalid else "no --skip-invalid",
+        ),
+        (stored.priority == options.priority, f"--priority {stored.priority}"),
+        (stored.defaults == options.params, "other generation parameters (--max-new-tokens, ...)"),
+        (stored.system_prompt == options.system_prompt, "another --system-prompt"),
+    ]
+    return next((name for same, name in checks if not same), None)
 
 
 def new_job_id() -> str:

@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.inputs import ItemStream, stream_items, stream_records
-from producer.options import SubmitOptions, input_limits, source_fingerprint
+from producer.options import SubmitOptions, input_limits, option_difference, source_fingerprint
 from worker.chunks import chunk_count, chunk_id, chunk_range
 from worker.core.errors import InputError, JobConflict, StoreFull
 from worker.core.identity import JobDigest, job_context
+from worker.core.lifecycle import Event, refusal
 from worker.core.schema import Item, JobSpec, error_result
 from worker.core.states import JobStatus
+from worker.queue.routing import chunk_task_id
 from worker.store import RedisStore
 from worker.store.keys import PAGE
+from worker.store.submit import new_incarnation
 
 Source = str | os.PathLike[str] | Iterable[Mapping[str, Any]]
 Publisher = Callable[[JobSpec, dict[str, list[int]]], int]
@@ -82,22 +85,26 @@ class Submitter:
         on_wait: Callable[[], None] | None = None,
     ) -> SubmitReport:
         with self.store.submit_lock(job_id, on_wait):
-            status = self.store.status(job_id)
-            if status is not None and status != JobStatus.SUBMITTING:
-                return self._resume_complete(source, job_id)
             spec = self._spec(job_id, source, total=0, digest="")
-            if status is None:
-                self.store.begin(spec)
-            else:
-                self._check_same_options(self.store.spec(job_id))
+            status, inc = self.store.begin(spec)
+            created = inc == spec.incarnation
+            if not created:
+                stored = self.store.spec(job_id)
+                self._check_same_options(stored, status)
+                if status != JobStatus.SUBMITTING:
+                    return self._resume_complete(source, stored)
+                # a partial job resumes as first submitted (its deadline included)
+                spec = stored.model_copy(update={"incarnation": inc})
             try:
-                spec, invalid = self._store_inputs(source, spec, partial=status is not None)
-                enqueued = self._publish_all(spec, resumed=status is not None, check_done=bool(invalid))
+                spec, invalid = self._store_inputs(source, spec, partial=not created)
+                # a resumed submit publishes only chunks with an item still to run
+                check_done = not created or bool(invalid)
+                enqueued = self._publish_all(spec, resumed=not created, check_done=check_done)
             except (InputError, StoreFull):
-                self.store.abort(job_id)  # a submit leaves a job or nothing
+                self.store.abort(job_id, inc=spec.incarnation)  # a submit leaves a job or nothing
                 raise
-            final = self.store.finish_submit(job_id)
-            return SubmitReport(job_id, status is not None, enqueued, spec.total, len(invalid), final)
+            final = self.store.finish_submit(job_id, inc=spec.incarnation)
+            return SubmitReport(job_id, not created, enqueued, spec.total, len(invalid), final)
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -116,6 +123,8 @@ class Submitter:
             input_digest=digest,
             source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
             source_fingerprint=self._fingerprint(source),
+            skip_invalid=o.skip_invalid,
+            incarnation=new_incarnation(),
         )
 
     def _fingerprint(self, source: Source) -> str:
@@ -125,16 +134,12 @@ class Submitter:
             self._source_fingerprint = source_fingerprint(source, self.options)
         return self._source_fingerprint
 
-    def _check_same_options(self, partial: JobSpec) -> None:
-        """A partial job of this id must have been submitted with the same options."""
-        o = self.options
-        mine = (o.profile.name, o.mode, o.chunk_size, o.params, o.system_prompt)
-        theirs = (partial.profile, partial.mode, partial.chunk_size, partial.defaults, partial.system_prompt)
-        if mine != theirs:
-            raise JobConflict(
-                f"job {partial.job_id} was partly submitted with other options (profile, mode, chunk size or "
-                f"parameters): submit with another --job-id, or `genq delete {partial.job_id}`"
-            )
+    def _check_same_options(self, stored: JobSpec, status: JobStatus) -> None:
+        """A job of this id (partial or not) must be resubmitted with the options it was first
+        submitted with: refused in one line naming the first option that differs."""
+        differs = option_difference(stored, self.options)
+        if differs is not None:
+            raise refusal(Event.RESUME_OTHER, status, stored.job_id, option=differs)
 
     def _store_inputs(self, source: Source, spec: JobSpec, *, partial: bool) -> tuple[JobSpec, list[Item]]:
         """Validate and store every input, a page at a time; returns the final spec and the
@@ -154,7 +159,7 @@ class Submitter:
                         f"job {spec.job_id} was partly submitted from a different input (its item at "
                         f"line {line} differs): submit with another --job-id, or `genq delete {spec.job_id}`"
                     )
-            self.store.write_inputs(spec.job_id, rows)
+            self.store.write_inputs(spec.job_id, rows, inc=spec.incarnation)
             invalid += [item for item in page if item.invalid is not None]
         spec = spec.model_copy(update={"total": stream.count, "input_digest": digest.hexdigest()})
         self.store.complete_inputs(spec)
@@ -163,23 +168,25 @@ class Submitter:
             errs = [
                 error_result(it, it.invalid, profile=spec.profile, attempts=0) for it in page if it.invalid
             ]
-            self.store.record(spec.job_id, errs)
+            self.store.record(spec.job_id, errs, inc=spec.incarnation)
         return spec, invalid
 
-    def _resume_complete(self, source: Source, job_id: str) -> SubmitReport:
+    def _resume_complete(self, source: Source, existing: JobSpec) -> SubmitReport:
         """The job exists and its submit finished: same input → re-publish what lost its message;
         a different input → refuse."""
-        existing = self.store.spec(job_id)
+        job_id = existing.job_id
         same_file = bool(existing.source_fingerprint) and existing.source_fingerprint == self._fingerprint(
             source
         )
-        if not same_file and not self._same_input(source, existing):
+        complete = bool(existing.input_digest)  # a job cancelled during its submit has no digest
+        if complete and not same_file and not self._same_input(source, existing):
             raise JobConflict(
                 f"job {job_id} exists with a different input or profile: submit with another --job-id "
                 f"(or none), or `genq delete {job_id}` first"
             )
         state = self.store.state(job_id)
-        enqueued = 0 if state.final else self._publish_all(existing, resumed=True, check_done=True)
+        live = state.status in (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
+        enqueued = self._publish_all(existing, resumed=True, check_done=True) if live else 0
         return SubmitReport(job_id, True, enqueued, existing.total, state.counts.errored, state.status)
 
     def _same_input(self, source: Source, existing: JobSpec) -> bool:
@@ -202,18 +209,23 @@ class Submitter:
         count = chunk_count(spec.total, spec.chunk_size)
         for start in range(0, count, PAGE):
             numbers = list(range(start, min(start + PAGE, count)))
-            won = set(self.store.claim(spec.job_id, numbers))
+            won = set(self.store.claim(spec.job_id, numbers, inc=spec.incarnation))
             todo: dict[str, list[int]] = {}
             for n in numbers:
                 cid = chunk_id(n)
                 indices = list(chunk_range(n, spec.total, spec.chunk_size))
-                if n in won or (resumed and f"{spec.job_id}:{cid}" not in live):
+                if n in won or (resumed and chunk_task_id(spec.job_id, cid, spec.incarnation) not in live):
                     todo[cid] = indices
             enqueued += self._publish_pending(spec, todo) if check_done else self.publish(spec, todo)
         if resumed:
             stored = {cid: idx for cid, idx in self.store.stored_chunks(spec.job_id) if idx}
             enqueued += self._publish_pending(
-                spec, {cid: idx for cid, idx in stored.items() if f"{spec.job_id}:{cid}" not in live}
+                spec,
+                {
+                    cid: idx
+                    for cid, idx in stored.items()
+                    if chunk_task_id(spec.job_id, cid, spec.incarnation) not in live
+                },
             )
             self.publish(spec, {})  # a backlog an interrupted publish left outside its ring is served
         return enqueued

@@ -167,7 +167,7 @@ def deliveries(paths: Iterable[Path], job: str, what: str = "received") -> Count
         except OSError:
             continue
         for task_id, happened in _TASK.findall(text):
-            owner, _, chunk = task_id.rpartition(":")
+            owner, _, chunk = task_id.partition("@")[0].rpartition(":")  # <job>:<chunk>@<incarnation>
             if owner == job and (happened == "received") == (what == "received"):
                 found[chunk] += 1
     return found

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.core.errors import GenqError, ShutdownRequested, StoreUnavailable
+from worker.core.errors import GenqError, JobNotFound, JobRefused, ShutdownRequested, StoreUnavailable
 from worker.core.logs import bind, get_logger, unbind
 from worker.core.observe import observer
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
@@ -55,17 +55,24 @@ class ChunkStore(Protocol):
     """What running a chunk needs from a job store: the Redis store, and the in-memory one of
     embedded runs, implement all of it."""
 
-    def spec(self, job_id: str) -> JobSpec: ...
+    def spec(self, job_id: str, inc: str | None = None) -> JobSpec: ...
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]: ...
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]: ...
-    def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int: ...
+    def record(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
+    ) -> int: ...
     def record_indices(
-        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
     ) -> list[int]: ...
-    def start_attempt(self, job_id: str, cid: str, worker: str) -> int: ...
+    def start_attempt(self, job_id: str, cid: str, worker: str, *, inc: str = "") -> int: ...
     def undo_attempt(self, job_id: str, cid: str) -> None: ...
     def add_chunks(
-        self, job_id: str, chunks: dict[str, list[int]], *, split_parent: str | None = None
+        self,
+        job_id: str,
+        chunks: dict[str, list[int]],
+        *,
+        split_parent: str | None = None,
+        inc: str = "",
     ) -> dict[str, list[int]]: ...
 
 
@@ -157,7 +164,7 @@ class _Run:
     def write(self, results: Sequence[ItemResult]) -> int:
         """Record ``results`` (first write wins) and log what was written and what dropped."""
         t0 = time.perf_counter()
-        new = self.store.record_indices(self.ref.job_id, results, self.worker)
+        new = self.store.record_indices(self.ref.job_id, results, self.worker, inc=self.ref.inc)
         self.store_seconds += time.perf_counter() - t0
         generated = sum(r.usage.completion_tokens for r in results)
         self.written += len(new)
@@ -198,24 +205,53 @@ def process_chunk(
     control: JobControl | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    """Run one chunk to the end (or hand it back).  Raises ShutdownRequested to hand back."""
+    """Run one chunk to the end (or hand it back).  Raises ShutdownRequested to hand back.
+
+    A chunk of a job that is gone, or of another incarnation of its id (deleted and submitted
+    again), is dropped, also when that happens while it runs: its results are never counted for
+    the job stored now (the store refuses them in the same step that would write them)."""
     started = time.perf_counter()
     job_id, cid = ref.job_id, ref.chunk_id
     log = get_logger(job=job_id, chunk=cid, worker=worker)
+    try:
+        return _process(store, engine, ref, worker, max_attempts, publish, control, should_stop, started, log)
+    except JobNotFound as exc:  # deleted (or expired, or submitted again) under us: nothing to do
+        log.info("chunk_of_missing_job", reason=exc.message)
+        return Outcome(ChunkOutcome.SKIPPED, seconds=time.perf_counter() - started)
+    except JobRefused as exc:  # ending or ended under us (a split it may no longer publish)
+        log.info("chunk_refused", state=exc.state, reason=exc.message)
+        return Outcome(ChunkOutcome.CANCELLED, seconds=time.perf_counter() - started)
+
+
+def _process(
+    store: ChunkStore,
+    engine: Engine,
+    ref: ChunkRef,
+    worker: str,
+    max_attempts: int,
+    publish: Publish,
+    control: JobControl | None,
+    should_stop: Callable[[], bool],
+    started: float,
+    log: Any,
+) -> Outcome:
+    job_id, cid = ref.job_id, ref.chunk_id
     closed = _closed(control, job_id)
     if closed is not None:
         return Outcome(closed)
-    spec = store.spec(job_id)
+    spec = store.spec(job_id, ref.inc or None)
     pending = store.pending_indices(job_id, ref.indices)
     if not pending:
         return Outcome(ChunkOutcome.SKIPPED)
-    attempts = store.start_attempt(job_id, cid, worker)
-    if attempts:
-        observer().delivery(job_id, attempts)
+    try:
+        attempts = store.start_attempt(job_id, cid, worker, inc=ref.inc)
+    except JobRefused as exc:  # ending or ended since _closed read it: the same step said no
+        if control is not None and exc.state == JobStatus.CANCELLING:
+            control.settle(job_id)
+        return Outcome(ChunkOutcome.CANCELLED if exc.state != JobStatus.COMPLETED else ChunkOutcome.SKIPPED)
+    observer().delivery(job_id, attempts)
     run = _Run(store, control, ref, spec, worker, log, attempt=attempts)
     try:
-        if attempts == 0:  # the job was deleted under us
-            return Outcome(ChunkOutcome.SKIPPED)
         if attempts > max_attempts:
             return _past_cap(run, pending, attempts, publish)
         return _generate(run, engine, pending, attempts, publish, should_stop, started)
@@ -260,7 +296,7 @@ def _past_cap(run: _Run, pending: list[int], attempts: int, publish: Publish) ->
         )
         run.log.error("item_worker_lost", item=item.id, line=item.line, attempts=attempts - 1)
         return Outcome(ChunkOutcome.WORKER_LOST, written=run.write([lost]))
-    children = run.store.add_chunks(job_id, split(cid, pending), split_parent=cid)
+    children = run.store.add_chunks(job_id, split(cid, pending), split_parent=cid, inc=run.ref.inc)
     if children:
         publish(run.spec, children)
     run.log.warning("chunk_split", attempts=attempts - 1, pending=len(pending), children=list(children))
@@ -348,7 +384,7 @@ def _engine_failed(run: _Run, pending: list[int], exc: Exception, attempts: int,
         ]
         run.write(errs)
         return Outcome(ChunkOutcome.DONE, written=run.written)
-    children = run.store.add_chunks(job_id, split(cid, still), split_parent=cid)
+    children = run.store.add_chunks(job_id, split(cid, still), split_parent=cid, inc=run.ref.inc)
     if children:
         publish(run.spec, children)
     return Outcome(ChunkOutcome.SPLIT, written=run.written, children=children)

@@ -116,6 +116,16 @@ class JobConflict(PermanentError):
     code = ErrorCode.JOB_CONFLICT
 
 
+class JobRefused(JobConflict):
+    """An operation the job's state table (:mod:`worker.core.lifecycle`) does not allow from the
+    job's current state: nothing changed.  The message is the table's one line."""
+
+    def __init__(self, message: str, *, state: str, event: str) -> None:
+        super().__init__(message)
+        self.state = state
+        self.event = event
+
+
 # --- item-level outcomes -------------------------------------------------------------------
 
 

@@ -239,8 +239,8 @@ class JobSpec(_Strict):
     profile: str
     mode: QueueMode = QueueMode.ANY
     priority: Priority = Priority.NORMAL
-    """Which of the profile's queues its chunks go to (not part of what the job is: a resubmit
-    with another priority resumes the same job at the priority it was first submitted with)."""
+    """Which of the profile's queues its chunks go to (not part of a derived job id: a resubmit
+    with another priority finds the same job and is refused, naming ``--priority``)."""
     chunk_size: Annotated[int, Field(gt=0)] = 16
     total: int
     defaults: GenParams = GenParams()
@@ -252,6 +252,11 @@ class JobSpec(_Strict):
     source_fingerprint: str = ""
     """A file job's bytes and options, hashed: a resubmit of the same file with the same options
     is recognised without reading the file again."""
+    skip_invalid: bool = False
+    """Submitted with ``--skip-invalid`` (a resubmit without it is refused, and the reverse)."""
+    incarnation: str = ""
+    """Which life of this job id (set when the submit begins): a job id deleted and submitted
+    again is a new incarnation, and nothing of the old one acts on it (worker.core.lifecycle)."""
 
 
 class Counts(BaseModel):
@@ -279,6 +284,8 @@ class ChunkRef(_Strict):
     job_id: str
     chunk_id: str
     indices: list[int]
+    inc: str = ""
+    """The job's incarnation this chunk belongs to ('' : a message of an older genq, any)."""
 
 
 def chat_messages(item: Item, system_prompt: str | None = None) -> list[dict[str, Any]] | None:

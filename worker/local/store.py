@@ -36,7 +36,7 @@ class LocalStore:
         self.started_at = time.time()
         self.on_record: Callable[[], None] | None = None
 
-    def spec(self, job_id: str) -> JobSpec:
+    def spec(self, job_id: str, inc: str | None = None) -> JobSpec:
         return self._spec
 
     def pending_indices(self, job_id: str, indices: Sequence[int]) -> list[int]:
@@ -45,11 +45,13 @@ class LocalStore:
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]:
         return [self._items[i] for i in indices]
 
-    def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int:
+    def record(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
+    ) -> int:
         return len(self.record_indices(job_id, results, worker))
 
     def record_indices(
-        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
     ) -> list[int]:
         written = [r for r in results if r.index not in self.done]
         for r in written:
@@ -63,7 +65,7 @@ class LocalStore:
             self.on_record()
         return [r.index for r in written]
 
-    def start_attempt(self, job_id: str, cid: str, worker: str) -> int:
+    def start_attempt(self, job_id: str, cid: str, worker: str, *, inc: str = "") -> int:
         self.attempts[cid] = self.attempts.get(cid, 0) + 1
         return self.attempts[cid]
 
@@ -71,7 +73,12 @@ class LocalStore:
         self.attempts[cid] = self.attempts.get(cid, 1) - 1
 
     def add_chunks(
-        self, job_id: str, chunks: dict[str, list[int]], *, split_parent: str | None = None
+        self,
+        job_id: str,
+        chunks: dict[str, list[int]],
+        *,
+        split_parent: str | None = None,
+        inc: str = "",
     ) -> dict[str, list[int]]:
         new = {cid: idx for cid, idx in chunks.items() if cid not in self.chunks}
         self.chunks.update(new)

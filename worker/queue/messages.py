@@ -4,7 +4,7 @@ job wait in a queue or are delivered and not yet acknowledged, and removing a jo
 kombu keeps a queue as a Redis list of JSON envelopes (``{"body", "headers": {"id", ...},
 "properties"}``) and delivered-but-unacknowledged messages in the hash ``unacked`` as
 ``[envelope, exchange, routing_key]``.  A Celery message's task id is ``headers.id``; genq's task
-ids are ``<job>:<chunk>`` (:func:`worker.queue.routing.task_id`).  A job's messages not yet
+ids are ``<job>:<chunk>@<incarnation>`` (:func:`worker.queue.routing.task_id`).  A job's messages not yet
 dispatched wait, in the same envelopes, in its backlog list (:mod:`worker.store.dispatch`).
 tests/test_queue_layout.py checks this against messages kombu itself wrote, so an upgrade that
 changes it fails there first.
@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import redis
+
+from worker.core.schema import JobSpec
+from worker.core.states import QueueMode
+from worker.queue.routing import queue_name
+
+if TYPE_CHECKING:
+    from worker.store.dispatch import Dispatcher
 
 PAGE = 1000
 UNACKED = "unacked"
@@ -86,3 +94,17 @@ def drain(r: redis.Redis, queues: Sequence[str], job_id: str) -> int:
                 pipe.lrem(queue, 1, raw)
             removed += sum(int(n) for n in pipe.execute())
     return removed
+
+
+def job_queues(spec: JobSpec) -> list[str]:
+    """Every broker queue a message of the job may wait on (its priority level, any mode)."""
+    return [queue_name(spec.profile, m, spec.priority) for m in QueueMode]
+
+
+def withdraw(store: Dispatcher, spec: JobSpec) -> int:
+    """Take a job out of the queues (cancel, expiry, delete): its backlog, its place in the rings
+    and its messages waiting on the broker queues; returns how many of those were removed.
+    Messages a worker holds are left to it: it finds the job ended or gone and drops them."""
+    queues = job_queues(spec)
+    store.forget_backlog(spec.job_id, queues)
+    return drain(store.r, queues, spec.job_id)

@@ -68,7 +68,7 @@ def publish_chunks(
     store: Dispatcher | None = None,
 ) -> int:
     """Append one message per chunk to the job's backlog for its queue (profile, mode, priority)
-    and dispatch; returns how many.  Task ids are ``<job>:<chunk>``, so publishing the same chunk
+    and dispatch; returns how many.  Task ids are ``<job>:<chunk>@<inc>``, so publishing the same chunk
     again cannot create a second task identity.  ``store``: the job store (default: one on the
     app's broker, which is the job store's Redis too).  With no chunks it only puts the job back
     in its queue's ring (a resumed submit whose last publish was cut short)."""
@@ -79,9 +79,12 @@ def publish_chunks(
         store = RedisStore(str(app.conf.broker_url))
     queue = queue_name(spec.profile, spec.mode, spec.priority)
     if not chunks:  # nothing new: make sure a backlog left by an interrupted publish is served
-        store.enqueue(spec.job_id, queue, [[]])
+        store.enqueue(spec.job_id, queue, [[]], inc=spec.incarnation)
         return 0
-    refs = [ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=idx) for cid, idx in chunks.items()]
+    refs = [
+        ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=idx, inc=spec.incarnation)
+        for cid, idx in chunks.items()
+    ]
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         # the list kombu consumes for this queue (priority 0: the queue's own name)
@@ -91,4 +94,4 @@ def publish_chunks(
             for start in range(0, len(refs), BATCH):
                 yield [_message(app, channel, ref, queue, 0) for ref in refs[start : start + BATCH]]
 
-        return store.enqueue(spec.job_id, key, batches())
+        return store.enqueue(spec.job_id, key, batches(), inc=spec.incarnation)

@@ -32,5 +32,11 @@ def worker_queues(profile: str, mode: Mode) -> list[str]:
 
 def task_id(ref: ChunkRef) -> str:
     """Deterministic Celery task id: publishing the same chunk again cannot create a second task
-    identity, and a message names its job."""
-    return f"{ref.job_id}:{ref.chunk_id}"
+    identity, and a message names its job (``<job>:<chunk>``) and its incarnation (``@<inc>``): a
+    message of a deleted job never passes for one of the same id submitted again."""
+    return chunk_task_id(ref.job_id, ref.chunk_id, ref.inc)
+
+
+def chunk_task_id(job_id: str, chunk_id: str, inc: str = "") -> str:
+    """:func:`task_id` from its parts."""
+    return f"{job_id}:{chunk_id}" + (f"@{inc}" if inc else "")

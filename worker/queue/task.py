@@ -20,6 +20,7 @@ from worker.core.errors import JobNotFound, ShutdownRequested, StoreUnavailable
 from worker.core.logs import get_logger, route_stdlib_logging
 from worker.core.schema import ChunkRef, ErrorInfo, error_result
 from worker.core.states import ChunkOutcome, ErrorCode
+from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
 from worker.queue.routing import TASK_NAME, worker_queues
 from worker.runtime import Runtime, get_runtime
@@ -49,7 +50,7 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
     store = runtime.store
     log = get_logger(job=chunk.job_id, chunk=chunk.chunk_id, worker=runtime.name)
     try:
-        spec = store.spec(chunk.job_id)
+        spec = store.spec(chunk.job_id, chunk.inc or None)
     except JobNotFound:
         log.info("chunk_of_missing_job")  # deleted, or expired after retention: nothing to do
         return {"outcome": str(ChunkOutcome.SKIPPED)}
@@ -61,7 +62,7 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
             message=f"worker {runtime.name} does not serve profile {spec.profile!r}",
         )
         items = store.items(chunk.job_id, store.pending_indices(chunk.job_id, chunk.indices))
-        store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name)
+        store.record(chunk.job_id, [error_result(it, error) for it in items], runtime.name, inc=chunk.inc)
         return {"outcome": str(ChunkOutcome.REFUSED)}
     runtime.stats.current = f"{chunk.job_id}:{chunk.chunk_id}"
     try:
@@ -82,6 +83,8 @@ def _run_chunk(runtime: Runtime, ref: dict[str, Any]) -> dict[str, Any]:
         raise Reject("job store unreachable: chunk handed back", requeue=True) from None
     finally:
         runtime.stats.current = None
+    if outcome.outcome == ChunkOutcome.EXPIRED:  # this delivery ended the job: take it out of the queues
+        withdraw(store, spec)
     runtime.stats.chunks += 1
     runtime.stats.add(outcome.written, outcome.tokens, outcome.seconds)
     return outcome.as_dict()

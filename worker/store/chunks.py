@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from worker.chunks import chunk_count, chunk_id, chunk_number, chunk_range
 from worker.core.errors import JobNotFound
+from worker.core.lifecycle import Event
 from worker.store.keys import PAGE, job_key
 from worker.store.results import ResultStore
 
@@ -32,29 +33,30 @@ class ChunkRecords(ResultStore):
             yield cid, list(json.loads(value))
 
     def add_chunks(
-        self, job_id: str, chunks: dict[str, list[int]], *, split_parent: str | None = None
+        self,
+        job_id: str,
+        chunks: dict[str, list[int]],
+        *,
+        split_parent: str | None = None,
+        inc: str = "",
     ) -> dict[str, list[int]]:
         """Record new chunks; returns those this call created (a chunk held by two live workers
-        is split by both: only the first split publishes its children)."""
-        key = job_key(job_id, "chunks")
-        pipe = self.r.pipeline(transaction=False)
+        is split by both: only the first split publishes its children).  Refused when the job
+        may not publish (ending, ended, gone, or another incarnation)."""
+        keys = [job_key(job_id), job_key(job_id, "chunks")]
+        args: list[str] = [split_parent or ""]
         for cid, idx in chunks.items():
-            pipe.hsetnx(key, cid, json.dumps(idx))
-        if split_parent is not None:
-            pipe.hset(key, split_parent, "[]")
-        pipe.pttl(job_key(job_id))
-        flags = self._call(pipe.execute)
-        ttl = int(flags[-1])
-        if ttl > 0:  # a partial job: its records live as long as it does
-            self._call(self.r.pexpire, key, ttl)
-        return {cid: idx for (cid, idx), new in zip(chunks.items(), flags, strict=False) if new}
+            args += [cid, json.dumps(idx)]
+        made = set(self._step(Event.PUBLISH, job_id, inc, "chunks", keys, args))
+        return {cid: idx for cid, idx in chunks.items() if cid in made}
 
-    def claim(self, job_id: str, numbers: Sequence[int]) -> list[int]:
-        """Claim plain chunks for publishing; returns the numbers this call won."""
+    def claim(self, job_id: str, numbers: Sequence[int], *, inc: str = "") -> list[int]:
+        """Claim plain chunks for publishing; returns the numbers this call won (refused when
+        the job may not publish)."""
         if not numbers:
             return []
         keys = [job_key(job_id), job_key(job_id, "claims")]
-        won = self._script("claim", keys, list(numbers))
+        won = self._step(Event.PUBLISH, job_id, inc, "claim", keys, list(numbers))
         return [int(n) for n in won]
 
     def claimed(self, job_id: str, numbers: Sequence[int]) -> list[bool]:
@@ -64,12 +66,13 @@ class ChunkRecords(ResultStore):
             pipe.getbit(job_key(job_id, "claims"), n)
         return [bool(b) for b in self._call(pipe.execute)]
 
-    def start_attempt(self, job_id: str, cid: str, worker: str) -> int:
-        """Count a delivery of ``cid`` and note that ``worker`` runs it; returns the attempt number
-        (0 when the job is gone)."""
+    def start_attempt(self, job_id: str, cid: str, worker: str, *, inc: str = "") -> int:
+        """Count a delivery of ``cid`` and note that ``worker`` runs it; returns the attempt
+        number.  Refused (JobNotFound: gone or another incarnation; JobRefused: ending or ended)
+        in the same step that would count it."""
         now = time.time()
         keys = [job_key(job_id), job_key(job_id, "attempts"), job_key(job_id, "running")]
-        return int(self._script("start", keys, [cid, f"{worker}|{now}", now]))
+        return int(self._step(Event.DELIVER, job_id, inc, "start", keys, [cid, f"{worker}|{now}", now]))
 
     def undo_attempt(self, job_id: str, cid: str) -> None:
         """A chunk handed back on shutdown did not fail: do not count that delivery."""

@@ -18,7 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
-from worker.store.base import StoreBase
+import redis
+
+from worker.core.lifecycle import Event, allowed_arg
+from worker.store.base import StoreBase, refused
 from worker.store.keys import JOB_PREFIX, backlog_key, consumers_key, job_key, ring_key
 
 
@@ -36,25 +39,25 @@ class Dispatcher(StoreBase):
             return 0
         return int(self._script("dispatch", self._dispatch_keys(queues), self._dispatch_args()))
 
-    def enqueue(self, job_id: str, queue: str, batches: Iterable[Sequence[str]]) -> int:
+    def enqueue(self, job_id: str, queue: str, batches: Iterable[Sequence[str]], *, inc: str = "") -> int:
         """Append messages to the job's backlog, a pipelined batch at a time, each batch followed
         by putting the job in ``queue``'s ring and a dispatch; returns how many were appended.  A
-        partial job's backlog lives as long as the job (like its other keys)."""
-        backlog = backlog_key(job_id)
-        ttl = int(self._call(self.r.pttl, job_key(job_id)))
+        partial job's backlog lives as long as the job (like its other keys).  Refused (the state
+        table's error) when the job may not publish: ending, ended, gone, another incarnation."""
+        keys = [job_key(job_id), backlog_key(job_id)]
         count = 0
         for batch in batches:
             pipe = self.r.pipeline(transaction=False)
-            if batch:
-                pipe.rpush(backlog, *batch)
-                if ttl > 0:
-                    pipe.pexpire(backlog, ttl)
+            self.scripts["append"](keys=keys, args=[inc, allowed_arg(Event.PUBLISH), *batch], client=pipe)
             # after the RPUSH, in the same pipeline: a dispatch that finds the backlog empty and
             # drops the job from the ring ran before it, and this puts the job back
             self.scripts["dispatch"](
                 keys=self._dispatch_keys([queue]), args=self._dispatch_args([job_id]), client=pipe
             )
-            self._call(pipe.execute)
+            try:
+                self._call(pipe.execute)
+            except redis.ResponseError as exc:
+                raise refused(exc, Event.PUBLISH, job_id) from None
             count += len(batch)
         return count
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from worker.core.errors import JobNotFound
 from worker.core.jobstate import JobState
+from worker.core.lifecycle import Event, allowed_arg, refusal
 from worker.core.schema import Counts, JobSpec
 from worker.core.states import CountField, JobStatus
 from worker.store.chunks import ChunkRecords
@@ -22,10 +23,14 @@ class JobStore(ChunkRecords):
     def job_exists(self, job_id: str) -> bool:
         return bool(self._call(self.r.exists, job_key(job_id)))
 
-    def spec(self, job_id: str) -> JobSpec:
-        cached = self._specs.get(job_id)
-        if cached is not None:
-            return cached
+    def spec(self, job_id: str, inc: str | None = None) -> JobSpec:
+        """The job's spec.  With ``inc`` (a chunk message's incarnation): that incarnation's,
+        cached for the life of the process (a spec never changes within an incarnation), and
+        :class:`JobNotFound` when the job stored now is another one; without, always read."""
+        if inc:
+            cached = self._specs.get((job_id, inc))
+            if cached is not None:
+                return cached
         raw = self._call(self.r.hget, job_key(job_id), "spec")
         if raw is None:
             raise JobNotFound(
@@ -33,8 +38,10 @@ class JobStore(ChunkRecords):
                 f"(finished jobs are kept {self.settings.result_ttl} s; `genq status` lists jobs)"
             )
         spec = JobSpec.model_validate_json(raw)
-        if spec.total:  # a partial job's spec is rewritten once its inputs are complete
-            self._specs[job_id] = spec
+        if inc and spec.incarnation and spec.incarnation != inc:
+            raise refusal(Event.DELIVER, None, job_id)
+        if inc and spec.total:  # a partial job's spec is rewritten once its inputs are complete
+            self._specs[(job_id, inc)] = spec
         return spec
 
     def status(self, job_id: str) -> JobStatus | None:
@@ -109,20 +116,17 @@ class JobStore(ChunkRecords):
 
     # --- the end of a job ------------------------------------------------------------------------
 
-    def _end(self, job_id: str, ending: CountField) -> JobState:
-        """Start ending the job (cancel or expiry) and settle it if nothing runs."""
-        script = (
-            "local s = redis.call('HGET', KEYS[1], 'status') "
-            "if s == 'queued' or s == 'in_progress' or s == 'submitting' then "
-            "redis.call('HSET', KEYS[1], 'status', 'cancelling', 'ending', ARGV[1], 'updated_at', ARGV[2]) "
-            "end return s"
-        )
-        self._call(self.r.eval, script, 1, job_key(job_id), str(ending), time.time())
-        # chunks never dispatched are dropped now (settle counts their items as it counts those of
-        # messages still queued); the job leaves its ring at the next dispatch
-        self._call(self.r.delete, job_key(job_id, "backlog"))
+    def _end(self, job_id: str, ending: CountField, *, due: bool = False, now: float | None = None) -> bool:
+        """Start ending the job (cancel, or expiry when ``due`` and its deadline has passed) and
+        settle it if nothing runs; True when it started ending now.  The status check, the change
+        and dropping the backlog are one step (``lua/end.lua``): chunks never dispatched are
+        counted by settle as it counts those of messages still queued."""
+        event = Event.EXPIRE if ending == CountField.EXPIRED else Event.CANCEL
+        keys = [job_key(job_id), job_key(job_id, "backlog")]
+        args = [str(ending), now or time.time(), "1" if due else ""]
+        ended = int(self._step(event, job_id, "", "end", keys, args)) == 1
         self.settle(job_id)
-        return self.state(job_id)
+        return ended
 
     def settle(self, job_id: str) -> bool:
         """End a cancelling job once no live worker runs its chunks; True when it ended now."""
@@ -133,32 +137,28 @@ class JobStore(ChunkRecords):
     def request_cancel(self, job_id: str) -> JobState:
         """Cancel: chunks not started are skipped, chunks in flight finish their micro-batch;
         the job ends (``cancelled``) when the last of them stops."""
-        state = self.state(job_id)
-        if state.final:
-            return state
-        return self._end(job_id, CountField.CANCELLED)
+        self._end(job_id, CountField.CANCELLED)
+        return self.state(job_id)
 
     def expire_if_due(self, job_id: str, now: float | None = None) -> bool:
-        """Past ``expires_at``: end the job as ``expired`` (as a cancel would).  True when due."""
-        spec = self.spec(job_id)
-        if spec.expires_at is None or (now or time.time()) < spec.expires_at:
+        """Past its deadline (``expires_at``, stored in the job's hash): end the job as
+        ``expired`` (as a cancel would); decided in the same step as the change.  True when it
+        started ending now."""
+        try:
+            return self._end(job_id, CountField.EXPIRED, due=True, now=now)
+        except JobNotFound:
             return False
-        status = self.status(job_id)
-        if status is None or status.final:
-            return False
-        self._end(job_id, CountField.EXPIRED)
-        return True
 
     # --- housekeeping ----------------------------------------------------------------------------
 
-    def delete(self, job_id: str) -> int:
-        """Remove every key of the job and its index entry; returns how many keys existed."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(*all_job_keys(job_id))
-        pipe.zrem(JOBS_INDEX, job_id)
-        removed, _ = self._call(pipe.execute)
-        self._specs.pop(job_id, None)
-        return int(removed)
+    def delete(self, job_id: str, *, inc: str = "", older_than: float | None = None) -> int:
+        """Remove every key of the job and its index entry; returns how many keys existed (-1:
+        refused, nothing changed).  ``inc``: only that incarnation.  ``older_than`` (prune): only
+        a job that is still prunable, checked in the same step (``lua/delete.lua``)."""
+        event = Event.DELETE if older_than is None else Event.PRUNE
+        cutoff = "" if older_than is None else time.time() - older_than
+        keys = [*all_job_keys(job_id), JOBS_INDEX]
+        return int(self._script("delete", keys, [inc, allowed_arg(event), job_id, cutoff]))
 
     def prunable(self, older_than: float, *, now: float | None = None) -> list[JobState]:
         """Finished jobs that ended, and partial jobs last touched, more than ``older_than``

@@ -3,7 +3,8 @@
 All keys live under ``genq:``.  A job's keys:
 
 =============================  ============================================================
-``job:<id>``                   hash: ``spec`` (JSON), ``status``, counters, token totals, times,
+``job:<id>``                   hash: ``spec`` (JSON), ``status``, ``inc`` (the incarnation),
+                               counters, token totals, times, ``expires_at`` (the deadline),
                                ``ending`` (why a ``cancelling`` job ends), submit progress
 ``job:<id>:inputs``            hash: item index → Item JSON (stored once, at submit)
 ``job:<id>:results``           hash: item index → ItemResult JSON (first write wins)

@@ -8,7 +8,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from worker.core.counting import count_field, retryable
-from worker.core.errors import JobNotFound
+from worker.core.errors import JobNotFound, JobRefused
+from worker.core.lifecycle import Event
 from worker.core.observe import observer
 from worker.core.schema import Item, ItemResult
 from worker.store.base import StoreBase
@@ -40,13 +41,16 @@ class ResultStore(StoreBase):
         done = self.done(job_id, indices)
         return [i for i in indices if i not in done]
 
-    def record(self, job_id: str, results: Sequence[ItemResult], worker: str | None = None) -> int:
+    def record(
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
+    ) -> int:
         """Write results, first write wins; returns how many were new (0 once the job has been
-        cancelled or has expired: what was not done by then stays counted as such)."""
-        return len(self.record_indices(job_id, results, worker))
+        cancelled or has expired: what was not done by then stays counted as such).  Raises
+        :class:`JobNotFound` when the job is gone or is another incarnation than ``inc``."""
+        return len(self.record_indices(job_id, results, worker, inc=inc))
 
     def record_indices(
-        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None
+        self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
     ) -> list[int]:
         """:meth:`record`, returning the indices whose results were new (the rest were dropped:
         another write of the same item came first)."""
@@ -62,10 +66,11 @@ class ResultStore(StoreBase):
                 r.usage.completion_tokens,
             ]
         keys = [job_key(job_id), job_key(job_id, "results"), job_key(job_id, "workers"), *job_keys(job_id)]
-        written = self._script("record", keys, argv)
-        if written == -1:
-            raise JobNotFound(f"job {job_id} disappeared while its results were being written")
-        new = [] if isinstance(written, int) else [int(i) for i in written]  # int: -2, the job ended
+        try:
+            written = self._step(Event.RECORD, job_id, inc, "record", keys, argv)
+        except JobRefused:  # cancelled or expired: its counts never move again
+            written = []
+        new = [int(i) for i in written]
         observer().recorded(job_id, results, new)  # metrics count first writes only
         return new
 
@@ -85,13 +90,15 @@ class ResultStore(StoreBase):
             if retryable(result, all_errors=all_errors):
                 yield int(key), raw, result
 
-    def forget(self, job_id: str, entries: Sequence[tuple[int, str, ItemResult]]) -> int:
-        """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job."""
+    def forget(self, job_id: str, entries: Sequence[tuple[int, str, ItemResult]], *, inc: str = "") -> int:
+        """Drop the error results of ``entries`` (from :meth:`retryable`) and reopen the job;
+        refused (:class:`JobRefused`) when the state table allows no retry (a cancelled or
+        expired job, one still submitting)."""
         keys = [job_key(job_id), job_key(job_id, "results"), *job_keys(job_id)]
         removed = 0
-        for start in range(0, len(entries), PAGE):
+        for start in range(0, max(len(entries), 1), PAGE):
             argv: list[Any] = []
             for index, raw, result in entries[start : start + PAGE]:
                 argv += [index, raw, count_field(result)]
-            removed += int(self._script("unrecord", keys, argv))
+            removed += int(self._step(Event.RETRY, job_id, inc, "unrecord", keys, argv))
         return removed

@@ -15,10 +15,17 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from worker.core.lifecycle import Event
 from worker.core.schema import JobSpec
 from worker.core.states import JobStatus
 from worker.store.jobs import COUNT_FIELDS, JobStore
 from worker.store.keys import JOBS_INDEX, SUBMITTER, job_key, job_keys
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation token (a job id submitted again after a delete is another one)."""
+    return secrets.token_hex(8)
+
 
 LOCK_SECONDS = 30
 """The submit lock's lifetime; the holder refreshes it every third of that."""
@@ -72,40 +79,44 @@ class SubmitStore(JobStore):
     def submit_lock(self, job_id: str, on_wait: Callable[[], None] | None = None) -> SubmitLock:
         return SubmitLock(self, job_id, on_wait)
 
-    def begin(self, spec: JobSpec) -> None:
-        """Create the job as ``submitting``: it is listed at once, and every key expires after
-        ``GENQ_SUBMIT_TTL`` unless the submit finishes."""
-        now = time.time()
-        pipe = self.r.pipeline(transaction=True)
-        key = job_key(spec.job_id)
-        pipe.hset(
-            key,
-            mapping={
-                "spec": spec.model_dump_json(),
-                "status": JobStatus.SUBMITTING,
-                "total": spec.total,
-                **dict.fromkeys(COUNT_FIELDS, 0),
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-                "inputs_written": 0,
-                "created_at": spec.created_at,
-                "updated_at": now,
-            },
-        )
-        pipe.expire(key, self.settings.submit_ttl)
-        pipe.zadd(JOBS_INDEX, {spec.job_id: spec.created_at})
-        self._call(pipe.execute)
+    def begin(self, spec: JobSpec) -> tuple[JobStatus, str]:
+        """Create the job as ``submitting``, a new incarnation (``spec.incarnation``, or a fresh
+        one): it is listed at once, and every key expires after ``GENQ_SUBMIT_TTL`` unless the
+        submit finishes.  When the job exists nothing changes.  Returns ``(status, incarnation)``
+        of the job now stored: ``spec``'s own when this call created it."""
+        inc = spec.incarnation or new_incarnation()
+        spec = spec.model_copy(update={"incarnation": inc})
+        fields: dict[str, str | int | float] = {
+            "spec": spec.model_dump_json(),
+            "total": spec.total,
+            **dict.fromkeys(COUNT_FIELDS, 0),
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "inputs_written": 0,
+            "created_at": spec.created_at,
+            "updated_at": time.time(),
+        }
+        if spec.expires_at is not None:
+            fields["expires_at"] = spec.expires_at
+        keys = [job_key(spec.job_id), JOBS_INDEX, *job_keys(spec.job_id)[1:]]
+        args: list[str | int | float] = [inc, spec.job_id, spec.created_at, self.settings.submit_ttl]
+        for name, value in fields.items():
+            args += [name, value]
+        status, found = self._script("begin", keys, args)
+        return JobStatus(status), str(found)
 
-    def write_inputs(self, job_id: str, page: Sequence[tuple[int, str]]) -> None:
-        """Store a page of ``(index, Item JSON)``; the inputs live as long as the partial job."""
+    def write_inputs(self, job_id: str, page: Sequence[tuple[int, str]], *, inc: str = "") -> None:
+        """Store a page of ``(index, Item JSON)`` while the job is still ``submitting`` (this
+        incarnation); every key of the partial job gets ``GENQ_SUBMIT_TTL`` again.  Refused
+        (:class:`~worker.core.errors.JobRefused`, :class:`~worker.core.errors.JobNotFound`) once
+        the job was cancelled, deleted or expired during the submit."""
         if not page:
             return
-        key = job_key(job_id, "inputs")
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(key, mapping={str(i): raw for i, raw in page})
-        pipe.expire(key, self.settings.submit_ttl)
-        pipe.hset(job_key(job_id), mapping={"inputs_written": page[-1][0] + 1, "updated_at": time.time()})
-        self._call(pipe.execute)
+        keys = [job_key(job_id), job_key(job_id, "inputs"), *job_keys(job_id)[1:]]
+        args: list[str | int | float] = [self.settings.submit_ttl, time.time(), page[-1][0] + 1]
+        for i, raw in page:
+            args += [i, raw]
+        self._step(Event.WRITE_PAGE, job_id, inc, "write", keys, args)
 
     def differing_input(self, job_id: str, page: Sequence[tuple[int, str]]) -> int | None:
         """The first index of ``page`` whose stored input differs from the given JSON (a missing
@@ -117,21 +128,23 @@ class SubmitStore(JobStore):
         return None
 
     def complete_inputs(self, spec: JobSpec) -> None:
-        """Every input is stored and valid: write the final spec (total and digest)."""
-        self._call(
-            self.r.hset,
-            job_key(spec.job_id),
-            mapping={"spec": spec.model_dump_json(), "total": spec.total, "updated_at": time.time()},
-        )
-        self._specs.pop(spec.job_id, None)
+        """Every input is stored and valid: write the final spec (total and digest), while the
+        job is still ``submitting`` (refused like :meth:`write_inputs`)."""
+        if not spec.incarnation:  # a caller that did not keep begin's incarnation: the stored one
+            found = self._call(self.r.hget, job_key(spec.job_id), "inc") or ""
+            spec = spec.model_copy(update={"incarnation": found})
+        args = [spec.model_dump_json(), spec.total, time.time()]
+        self._step(Event.WRITE_PAGE, spec.job_id, spec.incarnation, "complete", [job_key(spec.job_id)], args)
 
-    def finish_submit(self, job_id: str) -> JobStatus:
+    def finish_submit(self, job_id: str, *, inc: str = "") -> JobStatus:
         """Every chunk is published: the job becomes ``queued`` (or ``in_progress``, or
-        ``completed`` when nothing was left to run) and its TTL is lifted."""
+        ``completed`` when nothing was left to run) and its TTL is lifted.  Refused when the job
+        was cancelled, deleted or expired during the submit."""
         keys = job_keys(job_id)
-        status = self._script("finish_submit", keys, [time.time(), self.settings.result_ttl])
-        return JobStatus(status)
+        args = [time.time(), self.settings.result_ttl]
+        return JobStatus(self._step(Event.SUBMIT_FINISH, job_id, inc, "finish_submit", keys, args))
 
-    def abort(self, job_id: str) -> None:
-        """Undo a submit that cannot finish (bad input, Redis full): remove what it wrote."""
-        self.delete(job_id)
+    def abort(self, job_id: str, *, inc: str = "") -> None:
+        """Undo a submit that cannot finish (bad input, Redis full): remove what it wrote (only
+        this incarnation: a newer job of the same id is never touched)."""
+        self.delete(job_id, inc=inc)

@@ -1,17 +1,18 @@
 -- Record results, first write wins; move the counters; finish the job when every item is done.
 -- KEYS: job, results, workers, then every key of the job (EXPIRE'd when the job finishes)
--- ARGV: now, retention ttl, worker, n, then n x (index, result json, counter, prompt tokens,
---       completion tokens); the counter is computed in Python (worker.core.counting).
--- Returns the indices whose results were new (the first write of each), -1 when the job does not
--- exist, -2 when it has ended (cancelled or expired: what was not done then stays counted as such).
+-- ARGV: inc, allowed statuses, now, retention ttl, worker, n, then n x (index, result json,
+--       counter, prompt tokens, completion tokens); the counter is computed in Python
+--       (worker.core.counting).
+-- Returns the indices whose results were new (the first write of each); a refusal when the job is
+-- gone or another incarnation, or has ended (cancelled or expired: what was not done then stays
+-- counted as such).
 local job, results, workers = KEYS[1], KEYS[2], KEYS[3]
-local now, ttl, worker, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local status = redis.call('HGET', job, 'status')
-if not status then return -1 end
-if status == 'cancelled' or status == 'expired' then return -2 end
+local status, refused = guard(job, ARGV[1], ARGV[2])
+if not status then return refused end
+local now, ttl, worker, n = ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local written, items, ptoks, ctoks = {}, 0, 0, 0
 for i = 0, n - 1 do
-  local b = 5 + i * 5
+  local b = 7 + i * 5
   if redis.call('HSETNX', results, ARGV[b], ARGV[b + 1]) == 1 then
     written[#written + 1] = tonumber(ARGV[b])
     redis.call('HINCRBY', job, ARGV[b + 2], 1)

@@ -14,8 +14,11 @@ end
 local c = redis.call('HMGET', job, 'total', 'succeeded', 'errored', 'ending')
 local left = (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0) - (tonumber(c[3]) or 0)
 local final = c[4] == 'expired' and 'expired' or 'cancelled'
-if left <= 0 then
+local total = tonumber(c[1]) or 0
+if left <= 0 and total > 0 then
   left, final = 0, 'completed'  -- everything finished before the end took effect
+elseif left <= 0 then
+  left = 0  -- cancelled during its submit before any input was stored: a job of nothing
 else
   redis.call('HSET', job, final, left)
 end

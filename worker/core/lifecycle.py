@@ -1,0 +1,293 @@
+"""A job's life, written once: its states × every event that changes a job → the next state, or a
+refusal with its reason (no Redis, no Celery).
+
+The store's Lua scripts do not hold their own idea of what is allowed: each guarded step receives
+:func:`allowed` for its event and checks the job's status (and its incarnation) in the same
+atomic script that applies the change; a refusal comes back as the job's status and is turned
+into :func:`refusal`, the one line of this table.  docs/OPERATIONS.md shows this table
+(:func:`markdown`, checked by tests/test_state_table.py).
+
+A job id deleted (or expired) and submitted again is a new *incarnation*: a token stored with the
+job and carried by its spec and by every chunk message, so that nothing of the old one (messages,
+claims, cached specs, results) can act on or be counted for the new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from worker.core.errors import JobNotFound, JobRefused
+from worker.core.states import JobStatus
+
+ABSENT = "absent"
+"""No job of this id (never submitted, deleted, its keys expired), or, for a message or a cached
+spec, another incarnation of it: for them the job they belong to is gone."""
+
+STATES: tuple[str, ...] = (ABSENT, *(str(s) for s in JobStatus))
+
+
+class Event(StrEnum):
+    """Everything that changes a job (or tries to)."""
+
+    SUBMIT_BEGIN = "submit begins"
+    WRITE_PAGE = "submit writes a page"
+    PUBLISH = "publish chunks"
+    SUBMIT_FINISH = "submit finishes"
+    RESUME = "resume"
+    RESUME_OTHER = "resume, other options"
+    DELIVER = "chunk delivered"
+    RECORD = "item recorded"
+    CHUNK_DONE = "chunk done"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+    RETRY = "retry"
+    DELETE = "delete"
+    PRUNE = "prune"
+    TTL_LAPSE = "TTL lapse"
+    WORKER_DEATH = "worker death"
+
+
+@dataclass(frozen=True)
+class Move:
+    """The event applies: the job goes to one of ``to`` (the first is the usual one)."""
+
+    to: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The event does not apply: nothing changes, and the caller hears ``reason`` (``{job}`` is
+    the job id)."""
+
+    reason: str
+
+
+Entry = Move | Refuse
+
+S, Q, P, CG = JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.IN_PROGRESS, JobStatus.CANCELLING
+C, X, E = JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.EXPIRED
+FINAL = (str(C), str(X), str(E))
+LIVE = (str(S), str(Q), str(P))
+
+_GONE = "no job {job} (deleted, or expired: its keys lapsed)"
+_NEW = "submit it as a new job (--new, or another --job-id), or `genq delete {job}` first"
+
+
+def _same(state: str, note: str = "") -> Move:
+    return Move((state,), note)
+
+
+def _row(state: str, **cells: Entry) -> dict[Event, Entry]:
+    return {Event[name.upper()]: entry for name, entry in cells.items()}
+
+
+def _final_row(state: str) -> dict[Event, Entry]:
+    """Completed, cancelled and expired share most of their row."""
+    ended = state != C
+    was = "expired" if state == E else "was cancelled"
+    retry: Entry = (
+        Refuse(f"job {{job}} {was}: its items are not errors and never run again; {_NEW}")
+        if ended
+        else Move((str(P),), "errored items whose error may pass run again; the first finish time is kept")
+    )
+    return _row(
+        state,
+        submit_begin=_same(state, "the submit resumes it (see resume)"),
+        write_page=(
+            Refuse(f"job {{job}} {was} during its submit: nothing more of it is stored")
+            if ended
+            else Refuse("job {job} is already submitted")
+        ),
+        publish=Refuse(f"job {{job}} is {state}: nothing is published"),
+        submit_finish=(
+            Refuse(f"job {{job}} {was} during its submit")
+            if ended
+            else _same(state, "a second submit of a finished job: nothing changes")
+        ),
+        resume=_same(state, "nothing is published; the report gives the counts"),
+        deliver=Refuse(f"job {{job}} is {state}: the chunk is dropped without generating"),
+        record=(
+            Refuse(f"job {{job}} {was}: its counts never move again")
+            if ended
+            else _same(state, "a duplicate: first write wins, nothing is counted")
+        ),
+        chunk_done=_same(state),
+        cancel=_same(state, "already ended: nothing to cancel"),
+        expire=_same(state, "already ended"),
+        retry=retry,
+        delete=Move((ABSENT,), "every key and waiting message removed"),
+        prune=Move((ABSENT,), "when it ended before --older-than"),
+        ttl_lapse=Move((ABSENT,), "GENQ_RESULT_TTL after its end"),
+        worker_death=_same(state),
+    )
+
+
+_OTHER = Refuse("job {job} was submitted with {option}: resubmit with the same to resume it, or " + _NEW)
+"""Resubmitting with another chunk size, mode, priority, --skip-invalid, profile, parameters or
+system prompt (``{option}`` names the first that differs, as it was first given)."""
+
+TABLE: dict[str, dict[Event, Entry]] = {
+    ABSENT: _row(
+        ABSENT,
+        submit_begin=Move((str(S),), "a new incarnation; keys an old one left behind are removed first"),
+        write_page=Refuse("job {job} was deleted, or its partial submit expired, during its submit"),
+        publish=Refuse(_GONE),
+        submit_finish=Refuse("job {job} was deleted, or its partial submit expired, during its submit"),
+        resume=Move((str(S),), "as a new submit"),
+        resume_other=Move((str(S),), "as a new submit"),
+        deliver=Refuse(f"{_GONE}: a message of it (or of an older incarnation) is dropped"),
+        record=Refuse(f"{_GONE}: results of it (or of an older incarnation) are dropped"),
+        chunk_done=_same(ABSENT),
+        cancel=Refuse(_GONE),
+        expire=_same(ABSENT),
+        retry=Refuse(_GONE),
+        delete=_same(ABSENT, "nothing to delete"),
+        prune=_same(ABSENT),
+        ttl_lapse=_same(ABSENT),
+        worker_death=_same(ABSENT),
+    ),
+    str(S): _row(
+        S,
+        submit_begin=_same(S, "the submit resumes it (see resume)"),
+        write_page=_same(S, "inputs stored; every key's TTL (GENQ_SUBMIT_TTL) starts again"),
+        publish=_same(S, "chunks claimed (a bit each) and put in the job's backlog"),
+        submit_finish=Move(
+            (str(Q), str(P), str(C)),
+            "in_progress once a chunk started, completed when nothing is left; TTL lifted",
+        ),
+        resume=_same(
+            S,
+            "inputs checked against the stored ones; chunks with a pending item and no live message "
+            "published; the first submit's --expires-in stands",
+        ),
+        deliver=_same(S, "the chunk runs (may start before the submit ends); past its deadline: expire"),
+        record=_same(S, "counted; the job finishes only when its submit does"),
+        chunk_done=_same(S),
+        cancel=Move(
+            (str(CG),), "items not yet stored are not part of the job; the submit is refused at its next step"
+        ),
+        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
+        retry=Refuse("job {job} is still being submitted: finish it first (run the same submit again)"),
+        delete=Move((ABSENT,), "the submit is refused at its next step and leaves nothing behind"),
+        prune=Move((ABSENT,), "a partial job nobody submits, last touched before --older-than"),
+        ttl_lapse=Move((ABSENT,), "GENQ_SUBMIT_TTL after its last page; the submit is refused next"),
+        worker_death=_same(S),
+    ),
+    str(Q): _row(
+        Q,
+        submit_begin=_same(Q, "the submit resumes it (see resume)"),
+        write_page=Refuse("job {job} is already submitted"),
+        publish=_same(Q),
+        submit_finish=_same(Q, "a second submit: nothing changes"),
+        resume=_same(Q, "chunks whose message was lost (and have a pending item) are published again"),
+        deliver=Move((str(P),), "the attempt is counted; past its deadline: expire"),
+        record=Move((str(P), str(C))),
+        chunk_done=_same(Q),
+        cancel=Move((str(CG),), "the backlog is dropped; settles at once when no chunk runs"),
+        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
+        retry=_same(Q, "nothing has errored yet"),
+        delete=Move((ABSENT,), "every key and waiting message removed"),
+        prune=Refuse("job {job} is queued: prune leaves it alone"),
+        ttl_lapse=Refuse("job {job} has no TTL while it is live"),
+        worker_death=_same(Q),
+    ),
+    str(P): _row(
+        P,
+        submit_begin=_same(P, "the submit resumes it (see resume)"),
+        write_page=Refuse("job {job} is already submitted"),
+        publish=_same(P, "retry rounds and split chunks"),
+        submit_finish=_same(P, "a second submit: nothing changes"),
+        resume=_same(P, "chunks whose message was lost (and have a pending item) are published again"),
+        deliver=_same(P, "past the cap the chunk is split; past its deadline: expire"),
+        record=Move((str(P), str(C)), "completed with the last item"),
+        chunk_done=_same(P),
+        cancel=Move((str(CG),), "the backlog is dropped; settles at once when no chunk runs"),
+        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
+        retry=_same(P, "errored items whose error may pass are run again"),
+        delete=Move((ABSENT,), "a chunk in flight finds the job gone and drops it (no task failure)"),
+        prune=Refuse("job {job} is in progress: prune leaves it alone"),
+        ttl_lapse=Refuse("job {job} has no TTL while it is live"),
+        worker_death=_same(P, "the message is redelivered; finished items are kept"),
+    ),
+    str(CG): _row(
+        CG,
+        submit_begin=_same(CG, "the submit resumes it (see resume)"),
+        write_page=Refuse("job {job} was cancelled during its submit: nothing more of it is stored"),
+        publish=Refuse("job {job} is being cancelled: nothing is published"),
+        submit_finish=Refuse("job {job} was cancelled during its submit"),
+        resume=_same(CG, "nothing is published"),
+        deliver=Refuse("job {job} is being cancelled: the chunk is dropped without generating"),
+        record=_same(CG, "a micro-batch in flight finishes and is counted"),
+        chunk_done=Move(
+            (str(X), str(E), str(C)),
+            "the last live chunk settles it: items without a result are counted cancelled (expired); "
+            "completed when none is left",
+        ),
+        cancel=_same(CG),
+        expire=_same(CG),
+        retry=Refuse(f"job {{job}} is being cancelled: nothing is retried; {_NEW}"),
+        delete=Move((ABSENT,), "every key and waiting message removed"),
+        prune=Refuse("job {job} is being cancelled: prune leaves it alone"),
+        ttl_lapse=Refuse("job {job} settles before any TTL"),
+        worker_death=_same(CG, "settles once the dead worker's chunk is older than GENQ_VISIBILITY_TIMEOUT"),
+    ),
+    str(C): _final_row(C),
+    str(X): _final_row(X),
+    str(E): _final_row(E),
+}
+for _state, _cells in TABLE.items():
+    _cells.setdefault(Event.RESUME_OTHER, _OTHER)
+    # a final or live job refuses a resume with other options the same way
+del _state, _cells
+TABLE = {state: {event: TABLE[state][event] for event in Event} for state in STATES}
+
+
+def entry(state: str, event: Event) -> Entry:
+    return TABLE[state][event]
+
+
+def allowed(event: Event) -> tuple[str, ...]:
+    """The statuses from which ``event`` applies (what the store's Lua guard is given)."""
+    return tuple(s for s in STATES if s != ABSENT and isinstance(TABLE[s][event], Move))
+
+
+def allowed_arg(event: Event) -> str:
+    """:func:`allowed`, space-separated: one ARGV of a guarded Lua script."""
+    return " ".join(allowed(event))
+
+
+def refusal(event: Event, state: str | None, job_id: str, **fill: str) -> JobRefused | JobNotFound:
+    """The error for ``event`` refused from ``state`` (None: the job is absent)."""
+    state = state or ABSENT
+    found = TABLE[state][event]
+    reason = found.reason if isinstance(found, Refuse) else f"job {{job}} is {state}: {event} does not apply"
+    message = reason.format(job=job_id, **{"option": "other options", **fill})
+    if state == ABSENT:
+        return JobNotFound(message)
+    return JobRefused(message, state=state, event=str(event))
+
+
+def markdown() -> str:
+    """The table as docs/OPERATIONS.md shows it: one row per event, one column per state."""
+
+    def cell(e: Entry) -> str:
+        if isinstance(e, Refuse):
+            return "refused"
+        return " / ".join(f"**{t}**" if t != ABSENT else "gone" for t in e.to)
+
+    head = "| event | " + " | ".join(STATES) + " |"
+    rule = "|---" * (len(STATES) + 1) + "|"
+    rows = [f"| {ev} | " + " | ".join(cell(TABLE[s][ev]) for s in STATES) + " |" for ev in Event]
+    notes = []
+    for ev in Event:
+        said: dict[str, list[str]] = {}
+        for s in STATES:
+            e = TABLE[s][ev]
+            text = e.reason.format(job="X", option="OPT") if isinstance(e, Refuse) else e.note
+            if text:
+                said.setdefault(text, []).append(f"`{s}`")
+        for text, states in said.items():
+            notes.append(f"- *{ev}* from {', '.join(states)}: {text}")
+    return "\n".join([head, rule, *rows, "", *notes]) + "\n"
