@@ -76,7 +76,7 @@ SYSTEM_PROMPT = "be brief"
 
 STEPS = int(os.environ.get("GENQ_MBT_STEPS") or 0)
 """Steps of the long run (0: the CI budget below)."""
-CI_EXAMPLES, CI_STEP_COUNT = 25, 40
+CI_EXAMPLES, CI_STEP_COUNT = 100, 50
 
 
 IGNORED = set(filter(None, (os.environ.get("GENQ_MBT_IGNORE") or "").split(",")))
@@ -290,6 +290,10 @@ class ModelJob:
     final: str | None = None
     """The final status last seen (a final job stays final; retry may reopen ``completed`` only)."""
 
+    def gone(self) -> None:
+        """The job id has no job now (deleted, pruned, lapsed): its next submit starts afresh."""
+        self.present, self.partial, self.complete, self.final = False, False, False, None
+
 
 @dataclass
 class Worker:
@@ -330,13 +334,22 @@ def opts_strategy() -> st.SearchStrategy[dict[str, Any]]:
 
 
 VARIANTS = ("new", "same", "same", "priority", "chunk", "mode", "params", "skip_invalid", "expires")
-INTERRUPTS = st.none() | st.tuples(st.sampled_from(["input", "publish"]), st.integers(0, 5))
+INTERRUPTS = st.none() | st.tuples(
+    st.sampled_from(["input", "publish"]),
+    st.integers(0, 5),
+    st.sampled_from(["stop", "stop", "cancel", "delete", "lapse", "expire", "deliver"]),
+)
+"""Where a submit is interrupted (before input k, or after publishing k chunks) and what happens
+there: ``stop`` (the process goes away), or another event on the same job while the submit goes
+on (a cancel, a delete, its keys' TTL running out, its deadline passing, workers taking chunks)."""
 
 
 class Producer(Client):
-    """The producer, whose process can go away in the middle of publishing a submit's chunks."""
+    """The producer, in the middle of whose publish something happens (``meanwhile``: raise
+    :class:`Interrupted` to stop the process there)."""
 
     publish_budget: int | None = None
+    meanwhile: Any = None
 
     def publish(self, spec: JobSpec, chunks: dict[str, list[int]]) -> int:
         if self.publish_budget is None:
@@ -345,7 +358,9 @@ class Producer(Client):
         self.publish_budget -= len(take)
         sent = super().publish(spec, take) if take else 0
         if len(take) < len(chunks):
-            raise Interrupted(f"after publishing {sent} chunks")
+            self.publish_budget = None
+            self.meanwhile()
+            sent += super().publish(spec, dict(list(chunks.items())[len(take) :]))
         return sent
 
 
@@ -360,10 +375,10 @@ def records_for(job: str, incarnation: int, opts: dict[str, Any]) -> list[dict[s
     return out
 
 
-def interrupting(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]:
+def interrupting(records: list[dict[str, Any]], after: int, meanwhile: Any) -> Iterator[dict[str, Any]]:
     for k, record in enumerate(records):
         if k == after:
-            raise Interrupted(f"at input {k}")
+            meanwhile()
         yield record
 
 
@@ -388,6 +403,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.consumer = consumer
         self.channel = consumer.default_channel
         self.clock = 0.0
+        self.concurrent = False
+        """Something happened to the job while the running submit went on."""
         """Seconds the controllable clock is ahead of the real one (expiry only)."""
 
     def _worker(self, mode: Mode, restarts: int = 0) -> Worker:
@@ -450,16 +467,40 @@ class LifecycleMachine(RuleBasedStateMachine):
                 asked.expires = opts["expires"]
         self._submit(job, incarnation, asked, interrupt)
 
+    def _meanwhile(self, job: str, what: str) -> None:
+        """Something happens to ``job`` while its submit runs (see :data:`INTERRUPTS`)."""
+        self.concurrent = True
+        if what == "stop":
+            raise Interrupted(what)
+        if what == "cancel":
+            with contextlib.suppress(JobNotFound):
+                self.client.job(job).cancel()
+        elif what == "delete":
+            self.client.delete(job)
+        elif what == "lapse":
+            doomed = [k for k in all_job_keys(job) if self.r.pttl(k) > 0]
+            if doomed:
+                self.r.delete(*doomed)
+        elif what == "expire":
+            if self.client.store.expire_if_due(job, now=time.time() + 1e7):
+                self.client.drain(job)
+        else:
+            self.deliver("fp32", None)
+            self.deliver("nf4", None)
+
     def _submit(
-        self, job: str, incarnation: int, asked: Submitted, interrupt: tuple[str, int] | None
+        self, job: str, incarnation: int, asked: Submitted, interrupt: tuple[str, int, str] | None
     ) -> None:
         m = self.model[job]
         source: Any = list(asked.records)
-        if interrupt is not None and interrupt[0] == "input":
-            source = interrupting(asked.records, interrupt[1])
-        self.client.publish_budget = (
-            interrupt[1] if interrupt is not None and interrupt[0] == "publish" else None
-        )
+        self.concurrent = False
+        stop = interrupt is not None and interrupt[2] == "stop"
+        if interrupt is not None:
+            self.client.meanwhile = lambda: self._meanwhile(job, interrupt[2])
+            if interrupt[0] == "input":
+                source = interrupting(asked.records, interrupt[1], self.client.meanwhile)
+            else:
+                self.client.publish_budget = interrupt[1]
         before = self._status(job)
         new_incarnation = before is None
         try:
@@ -478,7 +519,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         except Interrupted:
             after = self._status(job)
             if after is None:
-                m.present = False
+                m.gone()
                 return
             if new_incarnation or m.partial:
                 expect(
@@ -487,10 +528,17 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self._adopt(job, incarnation, asked, partial=True)
             return
         except JobConflict:
+            if self.concurrent:
+                self._after_concurrent(job, incarnation, asked)
+                return
             expect("refused-new", not new_incarnation, f"a submit of new job {job} was refused")
             expect("refused-changed", self._status(job) == before, "a refused submit changed the job")
             return
-        except GenqError as exc:  # a bad line without skip_invalid: the submit left nothing
+        except GenqError as exc:
+            if self.concurrent and not stop:
+                self._after_concurrent(job, incarnation, asked)
+                return
+            # a bad line without skip_invalid: the submit left nothing
             expect("failed-submit", "line" in str(exc), str(exc))
             expect(
                 "failed-submit",
@@ -498,12 +546,15 @@ class LifecycleMachine(RuleBasedStateMachine):
                 f"a failed submit left {job}",
             )
             if self._status(job) is None:
-                m.present = False
+                m.gone()
             return
         finally:
-            self.client.publish_budget = None
+            self.client.publish_budget = self.client.meanwhile = None
         spec = self.client.store.spec(job) if self._status(job) else None
         expect("accepted-gone", spec is not None, f"an accepted submit left no job {job}")
+        if spec is None:
+            m.gone()
+            return
         made = (
             str(spec.mode),
             str(spec.priority),
@@ -521,14 +572,24 @@ class LifecycleMachine(RuleBasedStateMachine):
         expect(
             "accepted-submitting", status != JobStatus.SUBMITTING, f"a finished submit left {job} submitting"
         )
-        if new_incarnation or m.partial or m.asked is None:
+        if new_incarnation or m.partial or m.asked is None or self.concurrent:
             self._adopt(job, incarnation, asked, partial=False)
+            m.complete = not (self.concurrent and status is not None and status.final)
         elif m.final is not None:
             expect(
                 "final-sticky",
                 status == m.final,
                 f"resubmitting final job {job} moved it from {m.final} to {status}",
             )
+
+    def _after_concurrent(self, job: str, incarnation: int, asked: Submitted) -> None:
+        """A submit refused because of what happened meanwhile: the job is what Redis says."""
+        status = self._status(job)
+        if status is None:
+            self.model[job].gone()
+            return
+        self._adopt(job, incarnation, asked, partial=status == JobStatus.SUBMITTING)
+        self.model[job].complete = False
 
     def _adopt(self, job: str, incarnation: int, asked: Submitted, *, partial: bool) -> None:
         m = self.model[job]
@@ -574,14 +635,14 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(job=st.sampled_from(JOBS))
     def delete(self, job: str) -> None:
         self.client.delete(job)
-        self.model[job].present = False
+        self.model[job].gone()
         self._gone(job, "delete")
 
     @rule()
     def prune(self) -> None:
         pruned = {state.spec.job_id for state in self.client.prune(0.0)}
         for job in pruned:
-            self.model[job].present = False
+            self.model[job].gone()
             self._gone(job, "prune")
 
     @rule(job=st.sampled_from(JOBS), ahead=st.sampled_from([10.0, 1e7]))
@@ -590,7 +651,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.clock = max(self.clock, ahead)
         if self._status(job) is None:
             return
-        self.client.store.expire_if_due(job, now=time.time() + self.clock)
+        # what Job.status does when the deadline has passed (with the clock's time)
+        if self.client.store.expire_if_due(job, now=time.time() + self.clock):
+            self.client.drain(job)
 
     @rule(job=st.sampled_from(JOBS))
     def lapse(self, job: str) -> None:
@@ -599,7 +662,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if doomed:
             self.r.delete(*doomed)
         if self._status(job) is None:
-            self.model[job].present = False
+            self.model[job].gone()
             self._gone(job, "TTL lapse")
 
     @rule(job=st.sampled_from(JOBS))
@@ -645,6 +708,13 @@ class LifecycleMachine(RuleBasedStateMachine):
         finally:
             worker.engine.process, worker.engine.die_after = None, None
             worker.runtime._store = store
+
+    @rule(rounds=st.integers(1, 12))
+    def work(self, rounds: int) -> None:
+        """Both workers take turns at the queues for a while."""
+        for _ in range(rounds):
+            self.deliver("fp32", None)
+            self.deliver("nf4", None)
 
     def _run(self, worker: Worker, ref: dict[str, Any], msg: Any) -> None:
         """What the Celery task does with a delivery: run the chunk, dispatch, acknowledge (a
@@ -692,7 +762,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         m = self.model[job]
         status = self._status(job) if raw == "?" else (JobStatus(raw) if raw else None)
         if status is None:
-            m.present = False
+            m.gone()
             return
         if status.final:
             m.final = status
@@ -705,8 +775,12 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # --- invariants --------------------------------------------------------------------------------------
 
+    checked = 0
+    """Invariant checks made in this process (one before the first step, one after each)."""
+
     @invariant()
-    def invariants(self) -> None:
+    def check(self) -> None:
+        LifecycleMachine.checked += 1
         snap = snapshot(self.r)
         ids = [m.task_id for m in snap.messages]
         twice = {t for t in ids if ids.count(t) > 1}
@@ -875,9 +949,9 @@ def test_lifecycle_model(world: World, small_pages: None) -> None:
 def _replay(steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
     state = LifecycleMachine()
     try:
-        state.invariants()
+        state.check()
         for name, kwargs in steps:
             getattr(state, name)(**kwargs)
-            state.invariants()
+            state.check()
     finally:
         state.teardown()
