@@ -940,7 +940,9 @@ def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_lifecycle_model(world: World, small_pages: None) -> None:
+    before = LifecycleMachine.checked
     run_state_machine_as_test(LifecycleMachine, settings=machine_settings())
+    print(f"lifecycle model: {LifecycleMachine.checked - before} steps checked")
 
 
 # --- what the walk found, replayed ------------------------------------------------------------------
