@@ -2,13 +2,13 @@
 -- robin between the jobs of a queue), until each queue holds its target depth.
 -- KEYS: per broker queue to top up, five keys: the queue's list (what kombu BRPOPs), its ring of
 --       jobs, its consumers (sorted set: worker -> heartbeat expiry), a shared ring (the ring of
---       the 'any' queue of its priority level; its own ring again when none) and its turn counter
+--       the any queue of its priority level; its own ring again when none) and its turn counter
 -- ARGV: the fewest messages to keep waiting, now, the job key prefix ('genq:job:'), a ring to put
 --       jobs in ('' for none), then those job ids (a publish: their backlogs just grew)
 -- A queue with a shared ring takes turns between the jobs of both rings: over as many draws as
 -- the two rings hold jobs, each job's turn comes once (the counter says whose), so a job pinned to
--- a mode and an 'any' job of one priority share a worker chunk by chunk.  It draws from the
--- shared ring only while a live worker consumes it (an 'any' job's chunks must not wait on the
+-- a mode and an any job of one priority share a worker chunk by chunk.  It draws from the
+-- shared ring only while a live worker consumes it (an any job's chunks must not wait on the
 -- queue of a mode nobody runs).
 -- A message is always in exactly one of: a backlog, a broker queue, kombu's unacked hash; LMOVE
 -- moves it atomically.  A job whose status is ending, final or gone leaves the ring and loses its
