@@ -418,6 +418,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         runtime.engine = engine  # type: ignore[assignment]
         runtime._store = RedisStore(settings=self.settings)
         serve(runtime, worker_queues(PROFILE, mode))
+        runtime.beat()  # a worker's first heartbeat, at its start: it consumes its queues now
         return Worker(mode, name, runtime, engine, restarts)
 
     def teardown(self) -> None:
@@ -994,7 +995,15 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ),
         ("deliver", {"mode": "fp32", "die_after": None}),
         ("delete", {"job": "a"}),
-        ("submit", {"job": "a", "variant": "new", "opts": _opts(n=2, chunk=2, mnt=5), "interrupt": None}),
+        (
+            "submit",
+            {
+                "job": "a",
+                "variant": "new",
+                "opts": _opts(n=2, chunk=2, mnt=5, mode="fp32"),
+                "interrupt": None,
+            },
+        ),
         ("deliver", {"mode": "fp32", "die_after": None}),
     ],
     # retry reopened an expired job

@@ -23,34 +23,43 @@ if add ~= '' then
   end
 end
 local moved = 0
+local targets = {}
 for q = 1, #KEYS, 5 do
-  local queue, own, consumers, shared, turn = KEYS[q], KEYS[q + 1], KEYS[q + 2], KEYS[q + 3], KEYS[q + 4]
-  local live = redis.call('ZCOUNT', consumers, '(' .. now, '+inf')
+  local live = redis.call('ZCOUNT', KEYS[q + 2], '(' .. now, '+inf')
   local depth = live + 1
   if depth < min_depth then depth = min_depth end
-  if shared == own or live == 0 then shared = nil end
-  local n = redis.call('LLEN', queue)
-  -- each turn either moves a message (n grows) or removes a job from a ring: it ends
-  while n < depth do
-    local lo = redis.call('LLEN', own)
-    local ls = shared and redis.call('LLEN', shared) or 0
-    if lo + ls == 0 then break end
-    local ring = own
-    if lo == 0 or (ls > 0 and redis.call('INCR', turn) % (lo + ls) >= lo) then ring = shared end
-    local job = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
-    local backlog = prefix .. job .. ':backlog'
-    local status = redis.call('HGET', prefix .. job, 'status')
-    if not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
-        or status == 'completed' then
-      redis.call('LREM', ring, 0, job)
-      redis.call('DEL', backlog)
-    else
-      local msg = redis.call('LMOVE', backlog, queue, 'LEFT', 'LEFT')
-      if msg then
-        n = n + 1
-        moved = moved + 1
+  local shared = KEYS[q + 3]
+  if shared == KEYS[q + 1] or live == 0 then shared = nil end
+  targets[#targets + 1] = {queue = KEYS[q], own = KEYS[q + 1], shared = shared, turn = KEYS[q + 4],
+                           depth = depth, n = redis.call('LLEN', KEYS[q])}
+end
+-- one turn per queue in each pass (queues sharing the any ring split its jobs' chunks between
+-- them); each turn either moves a message (n grows) or removes a job from a ring: it ends
+local busy = true
+while busy do
+  busy = false
+  for _, t in ipairs(targets) do
+    local lo = t.n < t.depth and redis.call('LLEN', t.own) or 0
+    local ls = (t.n < t.depth and t.shared) and redis.call('LLEN', t.shared) or 0
+    if lo + ls > 0 then
+      busy = true
+      local ring = t.own
+      if lo == 0 or (ls > 0 and redis.call('INCR', t.turn) % (lo + ls) >= lo) then ring = t.shared end
+      local job = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+      local backlog = prefix .. job .. ':backlog'
+      local status = redis.call('HGET', prefix .. job, 'status')
+      if not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
+          or status == 'completed' then
+        redis.call('LREM', ring, 0, job)
+        redis.call('DEL', backlog)
+      else
+        local msg = redis.call('LMOVE', backlog, t.queue, 'LEFT', 'LEFT')
+        if msg then
+          t.n = t.n + 1
+          moved = moved + 1
+        end
+        if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, job) end
       end
-      if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, job) end
     end
   end
 end
