@@ -86,6 +86,9 @@ class Submitter:
     ) -> SubmitReport:
         with self.store.submit_lock(job_id, on_wait):
             spec = self._spec(job_id, source, total=0, digest="")
+            # a new incarnation unless the job exists (begin then says which one it is)
+            fresh = {"incarnation": new_incarnation(), "skip_invalid": self.options.skip_invalid}
+            spec = spec.model_copy(update=fresh)
             status, inc = self.store.begin(spec)
             created = inc == spec.incarnation
             if not created:
@@ -123,8 +126,6 @@ class Submitter:
             input_digest=digest,
             source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
             source_fingerprint=self._fingerprint(source),
-            skip_invalid=o.skip_invalid,
-            incarnation=new_incarnation(),
         )
 
     def _fingerprint(self, source: Source) -> str:

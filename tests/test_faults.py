@@ -413,7 +413,9 @@ def test_sigterm_mid_chunk_hands_back_the_rest_and_nothing_is_half_written(
     assert len(written) == 32
     assert all(w["status"] == "ok" and w["text"] == reference[w["id"]] for w in written)
     # the same job again: nothing new is enqueued
-    again = genq(redis_server.url, "submit", str(prompts), "--profile", PROFILE, "--job-id", job)
+    again = genq(
+        redis_server.url, "submit", str(prompts), "--profile", PROFILE, "--chunk-size", "64", "--job-id", job
+    )
     assert "resumed 128 items in 0 chunks (96 pending)" in again.stderr
     assert r.llen(QUEUE_ANY) == 2
 
@@ -551,7 +553,8 @@ def test_resubmitting_the_same_job_id_does_no_duplicate_work(
     before = log_events(stack.fp32.log_path, "chunk_done", job=job)
     assert len(before) == 10
 
-    again = genq(stack.url, "submit", str(prompts), "--profile", PROFILE, "--job-id", job, "--mode", "fp32")
+    same = ["--profile", PROFILE, "--chunk-size", "4", "--job-id", job, "--mode", "fp32"]  # as first given
+    again = genq(stack.url, "submit", str(prompts), *same)
     assert again.stdout.split()[-1] == job
     assert "resumed 40 items in 0 chunks (0 pending)" in again.stderr
     assert r.llen(f"genq.{PROFILE}.fp32") == 0

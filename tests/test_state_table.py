@@ -33,7 +33,7 @@ from producer.submit import Submitter
 from tests.helpers import REPO, RedisServer, genq
 from worker.chunks import Outcome, process_chunk
 from worker.core import lifecycle
-from worker.core.errors import GenqError, JobNotFound, JobRefused
+from worker.core.errors import GenqError, JobNotFound, JobRefused, ShutdownRequested
 from worker.core.lifecycle import ABSENT, STATES, TABLE, Event, Move, Refuse
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, ItemResult, Usage, error_result
 from worker.core.states import ChunkOutcome, CountField, JobStatus
@@ -79,9 +79,11 @@ HASH_FIELDS = {
     "expires_at",
     "ending",
     "absent",
+    "running",
+    "handback",
 }
-"""Lower-case words the scripts may quote besides statuses: the job hash's fields, and the guard's
-``absent``."""
+"""Lower-case words the scripts may quote besides statuses: the job hash's fields, the guard's
+``absent``, and release.lua's two operations."""
 
 
 def lua_literals() -> dict[str, set[str]]:
@@ -438,9 +440,13 @@ def test_a_resumed_partial_submit_does_not_republish_chunks_already_done(
     assert sorted(ref.indices[0] for ref in message_refs(r, "r8")) == list(range(1000, 2500))
 
 
+@pytest.mark.parametrize("then", ["runs on", "shuts down"])
 def test_delete_while_a_chunk_runs_ends_the_chunk_quietly_and_leaves_no_key(
-    server: RedisServer, client: Client, engine: Any
+    server: RedisServer, client: Client, engine: Any, then: str
 ) -> None:
+    """The job is deleted while its chunk runs: the chunk ends quietly (SKIPPED, no exception: no
+    task failure), or, when the worker shuts down just then, is handed back; either way no key of
+    the job is left (neither a result nor the hand-back's attempt count, which would have no TTL)."""
     r = server.client()
     client.submit(records(8), profile=PROFILE, job_id="g8", chunk_size=8)
     [ref] = message_refs(r, "g8")
@@ -450,11 +456,15 @@ def test_delete_while_a_chunk_runs_ends_the_chunk_quietly_and_leaves_no_key(
         if not deleted:
             deleted.append(True)
             Client(server.url).delete("g8")
-        return False
+        return then == "shuts down"
 
-    outcome = run_ref(RedisStore(server.url), engine, ref, should_stop=delete_once)
-    assert deleted and outcome.outcome == ChunkOutcome.SKIPPED  # no exception: no task failure
-    assert job_keys(r, "g8") == [] and r.zscore(JOBS_INDEX, "g8") is None
+    if then == "runs on":
+        outcome = run_ref(RedisStore(server.url), engine, ref, should_stop=delete_once)
+        assert outcome.outcome == ChunkOutcome.SKIPPED
+    else:
+        with pytest.raises(ShutdownRequested):
+            run_ref(RedisStore(server.url), engine, ref, should_stop=delete_once)
+    assert deleted and job_keys(r, "g8") == [] and r.zscore(JOBS_INDEX, "g8") is None
 
 
 def test_delete_while_a_real_worker_runs_a_chunk_logs_no_task_failure(

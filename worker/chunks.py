@@ -65,7 +65,7 @@ class ChunkStore(Protocol):
         self, job_id: str, results: Sequence[ItemResult], worker: str | None = None, *, inc: str = ""
     ) -> list[int]: ...
     def start_attempt(self, job_id: str, cid: str, worker: str, *, inc: str = "") -> int: ...
-    def undo_attempt(self, job_id: str, cid: str) -> None: ...
+    def undo_attempt(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
     def add_chunks(
         self,
         job_id: str,
@@ -83,7 +83,7 @@ class JobControl(Protocol):
     def status(self, job_id: str) -> JobStatus | None: ...
     def expire_if_due(self, job_id: str, now: float | None = None) -> bool: ...
     def settle(self, job_id: str) -> bool: ...
-    def clear_running(self, job_id: str, cid: str) -> None: ...
+    def clear_running(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
 
 
 @dataclass
@@ -257,7 +257,7 @@ def _process(
         return _generate(run, engine, pending, attempts, publish, should_stop, started)
     finally:
         if control is not None:
-            control.clear_running(job_id, cid)
+            control.clear_running(job_id, cid, inc=ref.inc)
             # the last chunk of a cancelled job to stop ends it, even one that finished without
             # noticing the cancel (its other chunks wait in no queue: cancel dropped its backlog)
             if run.cancelled or control.status(job_id) == JobStatus.CANCELLING:
@@ -340,7 +340,7 @@ def _generate(
                 tokens=run.tokens,
                 seconds=time.perf_counter() - started,
             )
-        run.store.undo_attempt(job_id, cid)
+        run.store.undo_attempt(job_id, cid, inc=run.ref.inc)
         run.log.info("chunk_handed_back", written=run.written)
         raise
     except (GenqError, StoreUnavailable):

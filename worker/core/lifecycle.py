@@ -72,6 +72,11 @@ FINAL = (str(C), str(X), str(E))
 LIVE = (str(S), str(Q), str(P))
 
 _GONE = "no job {job} (deleted, or expired: its keys lapsed)"
+_ENDING = (str(CG), str(X), str(C))
+"""Cancel: ``cancelling``, and at once ``cancelled`` (``completed`` when nothing was left) when no
+chunk runs."""
+_EXPIRING = (str(CG), str(E), str(C))
+_DROPPED = "the backlog and queued messages are dropped; settles at once when no chunk runs"
 _NEW = "submit it as a new job (--new, or another --job-id), or `genq delete {job}` first"
 
 
@@ -90,7 +95,7 @@ def _final_row(state: str) -> dict[Event, Entry]:
     retry: Entry = (
         Refuse(f"job {{job}} {was}: its items are not errors and never run again; {_NEW}")
         if ended
-        else Move((str(P),), "errored items whose error may pass run again; the first finish time is kept")
+        else Move((str(P), str(C)), "errored items whose error may pass run again; first finish time kept")
     )
     return _row(
         state,
@@ -166,9 +171,9 @@ TABLE: dict[str, dict[Event, Entry]] = {
         record=_same(S, "counted; the job finishes only when its submit does"),
         chunk_done=_same(S),
         cancel=Move(
-            (str(CG),), "items not yet stored are not part of the job; the submit is refused at its next step"
+            _ENDING, "items not yet stored are not part of the job; the submit is refused at its next step"
         ),
-        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
+        expire=Move(_EXPIRING, "as cancel, once --expires-in has passed"),
         retry=Refuse("job {job} is still being submitted: finish it first (run the same submit again)"),
         delete=Move((ABSENT,), "the submit is refused at its next step and leaves nothing behind"),
         prune=Move((ABSENT,), "a partial job nobody submits, last touched before --older-than"),
@@ -185,8 +190,8 @@ TABLE: dict[str, dict[Event, Entry]] = {
         deliver=Move((str(P),), "the attempt is counted; past its deadline: expire"),
         record=Move((str(P), str(C))),
         chunk_done=_same(Q),
-        cancel=Move((str(CG),), "the backlog is dropped; settles at once when no chunk runs"),
-        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
+        cancel=Move(_ENDING, _DROPPED),
+        expire=Move(_EXPIRING, "as cancel, once --expires-in has passed"),
         retry=_same(Q, "nothing has errored yet"),
         delete=Move((ABSENT,), "every key and waiting message removed"),
         prune=Refuse("job {job} is queued: prune leaves it alone"),
@@ -203,9 +208,9 @@ TABLE: dict[str, dict[Event, Entry]] = {
         deliver=_same(P, "past the cap the chunk is split; past its deadline: expire"),
         record=Move((str(P), str(C)), "completed with the last item"),
         chunk_done=_same(P),
-        cancel=Move((str(CG),), "the backlog is dropped; settles at once when no chunk runs"),
-        expire=Move((str(CG),), "as cancel, once --expires-in has passed"),
-        retry=_same(P, "errored items whose error may pass are run again"),
+        cancel=Move(_ENDING, _DROPPED),
+        expire=Move(_EXPIRING, "as cancel, once --expires-in has passed"),
+        retry=Move((str(P), str(C)), "errored items whose error may pass are run again"),
         delete=Move((ABSENT,), "a chunk in flight finds the job gone and drops it (no task failure)"),
         prune=Refuse("job {job} is in progress: prune leaves it alone"),
         ttl_lapse=Refuse("job {job} has no TTL while it is live"),
@@ -219,7 +224,7 @@ TABLE: dict[str, dict[Event, Entry]] = {
         submit_finish=Refuse("job {job} was cancelled during its submit"),
         resume=_same(CG, "nothing is published"),
         deliver=Refuse("job {job} is being cancelled: the chunk is dropped without generating"),
-        record=_same(CG, "a micro-batch in flight finishes and is counted"),
+        record=Move((str(CG), str(C)), "a micro-batch in flight finishes and is counted"),
         chunk_done=Move(
             (str(X), str(E), str(C)),
             "the last live chunk settles it: items without a result are counted cancelled (expired); "

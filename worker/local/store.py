@@ -69,7 +69,7 @@ class LocalStore:
         self.attempts[cid] = self.attempts.get(cid, 0) + 1
         return self.attempts[cid]
 
-    def undo_attempt(self, job_id: str, cid: str) -> None:
+    def undo_attempt(self, job_id: str, cid: str, *, inc: str = "") -> None:
         self.attempts[cid] = self.attempts.get(cid, 1) - 1
 
     def add_chunks(

@@ -24,6 +24,7 @@ SCRIPTS = (
     "chunks",
     "finish_submit",
     "start",
+    "release",
     "record",
     "settle",
     "end",

@@ -4,6 +4,7 @@ are stored in ``job:<id>:chunks``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -74,16 +75,23 @@ class ChunkRecords(ResultStore):
         keys = [job_key(job_id), job_key(job_id, "attempts"), job_key(job_id, "running")]
         return int(self._step(Event.DELIVER, job_id, inc, "start", keys, [cid, f"{worker}|{now}", now]))
 
-    def undo_attempt(self, job_id: str, cid: str) -> None:
-        """A chunk handed back on shutdown did not fail: do not count that delivery."""
-        self._call(self.r.hincrby, job_key(job_id, "attempts"), cid, -1)
+    def undo_attempt(self, job_id: str, cid: str, *, inc: str = "") -> None:
+        """A chunk handed back on shutdown did not fail: do not count that delivery (nothing when
+        the job is gone or another incarnation)."""
+        self._release(job_id, cid, inc, "handback")
+
+    def _release(self, job_id: str, cid: str, inc: str, what: str) -> None:
+        keys = [job_key(job_id), job_key(job_id, "attempts"), job_key(job_id, "running")]
+        with contextlib.suppress(JobNotFound):
+            self._step(Event.CHUNK_DONE, job_id, inc, "release", keys, [cid, what])
 
     def attempts(self, job_id: str) -> dict[str, int]:
         raw = self._call(self.r.hgetall, job_key(job_id, "attempts"))
         return {cid: int(n) for cid, n in raw.items()}
 
-    def clear_running(self, job_id: str, cid: str) -> None:
-        self._call(self.r.hdel, job_key(job_id, "running"), cid)
+    def clear_running(self, job_id: str, cid: str, *, inc: str = "") -> None:
+        """The delivery of ``cid`` ended (nothing when the job is gone or another incarnation)."""
+        self._release(job_id, cid, inc, "running")
 
     def running(self, job_id: str) -> dict[str, tuple[str, float]]:
         out: dict[str, tuple[str, float]] = {}
