@@ -1049,3 +1049,15 @@ def test_delete_during_the_publish_is_refused_in_one_line(world: World, small_pa
     _replay(
         [("submit", {"job": "c", "variant": "new", "opts": _opts(), "interrupt": ("publish", 0, "delete")})]
     )
+
+
+@pytest.mark.xfail(
+    reason="open: two retries within one second reuse the retry round's chunk id", strict=False
+)
+def test_two_retries_within_a_second_leave_nothing_pending_unrun(world: World, small_pages: None) -> None:
+    """The second retry forgets the errors again, but its round's chunk id (``r<seconds>-000000``)
+    is the first round's: the chunk is not new, nothing is published, and the job stalls."""
+    retry = ("retry", {"job": "a", "all_errors": False})
+    work = ("work", {"rounds": 1})
+    submit = ("submit", {"job": "a", "variant": "new", "opts": _opts(n=1, flaky=0), "interrupt": None})
+    _replay([submit, work, retry, work, retry])
