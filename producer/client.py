@@ -233,11 +233,11 @@ class Client:
         return publish_chunks(spec, chunks, self.app, store=self.store)
 
     def live_messages(self, spec: JobSpec) -> set[str]:
-        """The job's messages in its backlog, on its queue or unacknowledged."""
-        from worker.queue.messages import message_ids
-        from worker.queue.routing import queue_name
+        """The job's messages in its backlog, on the queues of its level (an ``any`` job's are
+        dispatched to the modes' queues) or unacknowledged."""
+        from worker.queue.messages import job_queues, message_ids
 
-        queues = [queue_name(spec.profile, spec.mode, spec.priority)]
+        queues = job_queues(spec)
         return message_ids(self.store.r, queues, [backlog_key(spec.job_id)])
 
     def submit(

@@ -119,3 +119,112 @@ def test_cancel_drops_the_backlog_and_keeps_messages_once(redis_server: RedisSer
     assert Counter(t for t in taken if not t.startswith("b:")) == Counter(
         f"{j}:c{n:06d}" for j in "ac" for n in range(60)
     )
+
+
+# --- fair share across mode queues: a job pinned to a mode and an `any` job of one level ---------
+
+FP32, NF4 = "genq.tiny-random.fp32", "genq.tiny-random.nf4"
+
+
+def add_mode_job(store: RedisStore, job: str, n: int, mode: str) -> None:
+    """A job of ``mode`` published as a submit publishes (its own ring; the dispatch targets of
+    :func:`worker.queue.routing.publish_targets`)."""
+    from worker.core.states import Priority, QueueMode
+    from worker.queue.routing import publish_targets, queue_name
+
+    spec = JobSpec(job_id=job, profile="tiny-random", chunk_size=1, total=n, mode=QueueMode(mode))
+    store.r.hset(f"genq:job:{job}", mapping={"status": "queued", "spec": spec.model_dump_json(), "total": n})
+    queue = queue_name("tiny-random", QueueMode(mode), Priority.NORMAL)
+    targets = publish_targets("tiny-random", QueueMode(mode), Priority.NORMAL)
+    store.enqueue(job, queue, [[message(job, i) for i in range(n)]], targets=targets)
+
+
+def run_worker(store: RedisStore, mode: str) -> list[str]:
+    """Play one worker of ``mode`` at the normal level: BRPOP's order (its mode's queue, then
+    ``any``), then its dispatch after each chunk, until nothing is left."""
+    from worker.core.states import Mode
+    from worker.queue.routing import dispatch_targets, worker_queues
+
+    queues = [
+        q for q in worker_queues("tiny-random", Mode(mode)) if "." not in q.removeprefix("genq.tiny-random.")
+    ]
+    targets = dispatch_targets("tiny-random", Mode(mode), queues)
+    taken: list[str] = []
+    while True:
+        raw = next((m for q in queues if (m := store.r.rpop(q)) is not None), None)
+        if raw is None:
+            return taken
+        taken.append(task_id(raw))
+        store.dispatch(targets)
+
+
+def test_an_any_job_shares_a_worker_with_a_job_pinned_to_its_mode(redis_server: RedisServer) -> None:
+    """A small `any` job submitted after a big fp32 one runs chunk by chunk in turn with it, not
+    after it (kombu takes the worker's own mode's queue first: the `any` queue is never filled)."""
+    store = store_for(redis_server, depth=2)
+    store.register_consumer("w-fp32", [FP32, QUEUE], ttl=30)
+    add_mode_job(store, "big", 60, "fp32")
+    add_mode_job(store, "small", 6, "any")
+    assert store.r.llen(QUEUE) == 0 and store.r.llen(NF4) == 0  # no nf4 worker: nothing waits there
+    taken = run_worker(store, "fp32")
+    jobs = [t.split(":")[0] for t in taken]
+    last_small = max(i for i, j in enumerate(jobs) if j == "small")
+    # the queue held two of big's chunks when small came; then turns: small is done after ~12 chunks
+    assert last_small <= 2 + 2 * 6, jobs[:20]
+    assert Counter(jobs) == {"big": 60, "small": 6}
+
+
+def test_pinned_and_any_jobs_take_turns_job_by_job(redis_server: RedisServer) -> None:
+    """Two `any` jobs and one fp32 job: each job gets its turn once per round (a third each), not
+    half for the fp32 ring and a quarter for each `any` job."""
+    store = store_for(redis_server, depth=1)
+    store.register_consumer("w-fp32", [FP32, QUEUE], ttl=30)
+    add_mode_job(store, "f", 30, "fp32")
+    add_mode_job(store, "a1", 30, "any")
+    add_mode_job(store, "a2", 30, "any")
+    jobs = [t.split(":")[0] for t in run_worker(store, "fp32")]
+    first = Counter(jobs[:45])
+    assert all(13 <= first[j] <= 17 for j in ("f", "a1", "a2")), first
+
+
+def test_an_any_job_goes_to_the_modes_that_have_workers(redis_server: RedisServer) -> None:
+    """An `any` job is dispatched to the queue of each mode with a live worker, to none without."""
+    store = store_for(redis_server, depth=2)
+    add_mode_job(store, "a", 10, "any")
+    assert store.r.llen(FP32) == store.r.llen(NF4) == store.r.llen(QUEUE) == 0
+    assert store.backlog_length("a") == 10  # waits for a worker's first heartbeat
+    store.register_consumer("w-nf4", [NF4, QUEUE], ttl=30)
+    from worker.core.states import Mode
+    from worker.queue.routing import dispatch_targets
+
+    store.dispatch(dispatch_targets("tiny-random", Mode.NF4, [NF4, QUEUE]))
+    assert store.r.llen(NF4) == 2 and store.r.llen(FP32) == 0
+    taken = run_worker(store, "nf4")
+    assert sorted(taken) == [f"a:c{n:06d}" for n in range(10)]
+
+
+def test_a_worker_on_some_queues_registers_as_the_consumer_of_those_only(redis_server: RedisServer) -> None:
+    """`celery -A worker.app worker -Q <the high queues>`: the worker's heartbeat registers it as
+    a consumer of those two queues, not of all six (the dispatch depth of the others is not
+    raised for a worker that never takes from them)."""
+    from worker.core.profiles import load_profile
+    from worker.core.states import Mode
+    from worker.queue.app import make_app
+    from worker.queue.routing import worker_queues
+    from worker.queue.task import consumed_queues, serve
+    from worker.runtime import Runtime
+    from worker.store.keys import consumers_key
+
+    settings = Settings.from_env({"GENQ_BROKER_URL": redis_server.url})
+    app = make_app(settings)
+    every = worker_queues("tiny-random", Mode.FP32)
+    high = [q for q in every if q.endswith(".high")]
+    assert consumed_queues(every, app) == []  # no -Q: Celery's default queue only
+    app.amqp.queues.select(high)  # what -Q does
+    assert consumed_queues(every, app) == high
+    runtime = Runtime(settings, name="w-high")
+    runtime.profile, runtime.mode = load_profile("tiny-random"), Mode.FP32
+    serve(runtime, consumed_queues(every, app))
+    runtime.beat()
+    r = redis_server.client()
+    assert [q for q in every if r.zscore(consumers_key(q), "w-high") is not None] == high

@@ -104,11 +104,15 @@ def test_a_high_job_overtakes_a_running_low_job(fleet: Fleet, tmp_path: Path) ->
     assert fleet.client.job(low).status().counts.succeeded < 2000
 
 
-def test_a_small_job_shares_the_worker_with_a_big_one(fleet: Fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("big_mode", ["any", "fp32"])
+def test_a_small_job_shares_the_worker_with_a_big_one(fleet: Fleet, tmp_path: Path, big_mode: str) -> None:
+    """A small `any` job after a big one, on the fp32 worker: the big one `any` too, or pinned to
+    fp32 (whose queue the worker takes first: the dispatcher shares it with `any` jobs)."""
     big = fleet.client.submit(
         write_prompts(tmp_path / "big.jsonl", 20_000, max_new_tokens=1, prefix="big"),
         profile=PROFILE,
         chunk_size=16,
+        mode=big_mode,
     ).id
     wait_for(lambda: fleet.events("chunk_done", big), timeout=60, what="the big job to run")
     submitted = time.time()

@@ -263,3 +263,42 @@ def test_only_first_writes_are_counted(redis_server: RedisServer) -> None:
     assert (
         REGISTRY.get_sample_value("genq_deliveries_total", {"redelivered": "true"}) or 0
     ) == redelivered + 1
+
+
+def test_error_results_are_labelled_with_an_adapter_the_profile_has() -> None:
+    """A multi-adapter profile (adapters a and b, default a): an error result names no adapter (a
+    worker_lost, say) and is labelled with the one that runs such items; an item naming an adapter
+    the profile lacks is labelled ``unknown``, never with that name nor with ``default``."""
+    from worker.core.profiles import load_profile
+    from worker.core.schema import ErrorInfo, error_result
+    from worker.runtime import Runtime
+
+    runtime = Runtime(Settings.from_env({}), name="metrics-adapters")
+    runtime.profile = load_profile("tiny-random-multi")
+    runtime.mode = Mode.FP32
+    profile = runtime.profile.name
+    items = [
+        Item(index=i, id=f"i{i}", line=i + 1, prompt="p", adapter=a) for i, a in enumerate([None, "zz", "b"])
+    ]
+    lost = ErrorInfo(type="worker_lost", message="died")
+    results = [
+        error_result(items[0], lost, profile=profile, mode=Mode.FP32),
+        error_result(items[1], ErrorInfo(type="invalid_input", message="no adapter zz"), adapter="zz"),
+        ItemResult(
+            index=2, id="i2", status=ItemStatus.OK, text="x", adapter="b", profile=profile, mode=Mode.FP32
+        ),
+    ]
+
+    def labels() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for metric in REGISTRY.collect():
+            for sample in metric.samples:
+                if sample.name == "genq_items_total" and sample.labels.get("profile") == profile:
+                    found[sample.labels["adapter"]] = found.get(sample.labels["adapter"], 0) + sample.value
+        return found
+
+    before = labels()
+    PrometheusObserver(runtime).recorded("j", results, [0, 1, 2])
+    after = labels()
+    added = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert added == {"a": 1, "unknown": 1, "b": 1}

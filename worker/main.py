@@ -217,7 +217,9 @@ def start(
         broker=settings.broker_display,
     )
     if runtime is not None:
-        runtime.queues = queue_list
+        from worker.queue.task import serve
+
+        serve(runtime, queue_list)
         runtime.start_heartbeat()
     get_app().worker_main(_celery_argv(pool, concurrency, queue_list, node, loglevel))
 

@@ -93,6 +93,9 @@ class Runtime:
         self.queues: list[str] = []
         """The broker queues this process consumes, in order (set by the queue layer): each
         heartbeat registers it as their consumer and tops them up from the jobs' backlogs."""
+        self.targets: list[str | tuple[str, str]] = []
+        """What a dispatch of this process tops up (set with ``queues`` by the queue layer:
+        each mode queue also from its level's ``any`` jobs; worker.queue.routing)."""
         self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
         self._hardware: str | None = None
@@ -199,7 +202,7 @@ class Runtime:
             self.store.heartbeat(self.name, self.info(), ttl=ttl)
             if self.queues:
                 self.store.register_consumer(self.name, self.queues, ttl)
-                self.store.dispatch(self.queues)  # makes up a dispatch lost to a crash
+                self.store.dispatch(self.targets)  # makes up a dispatch lost to a crash
             measured = self.throughput()
             if measured is not None:
                 self.store.record_throughput(measured)

@@ -20,10 +20,23 @@ DEFAULT_ADAPTER = "default"
 """The ``adapter`` label of an item that names no adapter of its own (the profile's adapter)."""
 
 
-def adapter_label(result: ItemResult) -> str:
+UNKNOWN_ADAPTER = "unknown"
+"""The ``adapter`` label of an error result for an item that named an adapter the profile does
+not have (refused by the worker): never a name the profile's adapters do not include."""
+
+
+def adapter_label(result: ItemResult, adapters: Collection[str] = (), default: str | None = None) -> str:
     """The adapter that answered ``result``, as a metric label: the one place that decides it
-    (per-item adapters fill it in here)."""
-    return str(getattr(result, "adapter", None) or DEFAULT_ADAPTER)
+    (per-item adapters fill it in here).  ``adapters``: the profile's adapter names; ``default``:
+    the one that runs items naming none.  A result naming no adapter (an error result, or a
+    profile of one adapter) is labelled with ``default``, one naming an adapter outside
+    ``adapters`` with :data:`UNKNOWN_ADAPTER`."""
+    name = getattr(result, "adapter", None)
+    if name is None:
+        return default or DEFAULT_ADAPTER
+    if adapters and name not in adapters:
+        return UNKNOWN_ADAPTER
+    return str(name)
 
 
 def status_label(result: ItemResult) -> str:

@@ -131,7 +131,11 @@ class PrometheusObserver(Observer):
         runtime = self.runtime
         profile = result.profile or (runtime.profile_name if runtime else None) or "unknown"
         mode = result.mode or (runtime.mode if runtime else None) or "unknown"
-        return str(profile), str(mode), adapter_label(result)
+        loaded = runtime.profile if runtime else None
+        if loaded is None:
+            return str(profile), str(mode), adapter_label(result)
+        adapter = adapter_label(result, loaded.named_adapters, loaded.default_adapter_name)
+        return str(profile), str(mode), adapter
 
     def recorded(self, job_id: str, results: Sequence[ItemResult], written: Collection[int]) -> None:
         try:

@@ -24,7 +24,7 @@ from kombu.utils.json import dumps as envelope
 
 from worker.core.schema import ChunkRef, JobSpec
 from worker.queue.app import get_app
-from worker.queue.routing import TASK_NAME, queue_name, task_id
+from worker.queue.routing import TASK_NAME, publish_targets, queue_name, task_id
 
 if TYPE_CHECKING:
     from worker.store.dispatch import Dispatcher
@@ -78,8 +78,9 @@ def publish_chunks(
 
         store = RedisStore(str(app.conf.broker_url))
     queue = queue_name(spec.profile, spec.mode, spec.priority)
+    targets = publish_targets(spec.profile, spec.mode, spec.priority)
     if not chunks:  # nothing new: make sure a backlog left by an interrupted publish is served
-        store.enqueue(spec.job_id, queue, [[]], inc=spec.incarnation)
+        store.enqueue(spec.job_id, queue, [[]], inc=spec.incarnation, targets=targets)
         return 0
     refs = [
         ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=idx, inc=spec.incarnation)
@@ -94,4 +95,4 @@ def publish_chunks(
             for start in range(0, len(refs), BATCH):
                 yield [_message(app, channel, ref, queue, 0) for ref in refs[start : start + BATCH]]
 
-        return store.enqueue(spec.job_id, key, batches(), inc=spec.incarnation)
+        return store.enqueue(spec.job_id, key, batches(), inc=spec.incarnation, targets=targets)

@@ -2,9 +2,18 @@
 priority, and the same with ``.high`` or ``.low`` after it for the other levels.  A worker
 consumes, strictly in this order (kombu's ``queue_order_strategy="priority"``): its own mode's
 high queue, ``any``'s high queue, its mode's and ``any``'s normal queues, then the low ones.  A job
-goes to ``any`` unless it asks for a mode.  (Names only: nothing here imports Celery.)"""
+goes to ``any`` unless it asks for a mode.  (Names only: nothing here imports Celery.)
+
+Within a level a worker would always take its own mode's queue first, so the dispatcher never
+fills ``any`` queues: a mode's queue is topped up from its own jobs and, taking turns job by job,
+from the ``any`` jobs of its level (:func:`dispatch_targets`), and a job pinned to a mode and an
+``any`` job share a worker round robin.  An ``any`` queue only receives messages kombu restores
+there (a dead worker's, addressed to it), or from the dispatch of a worker that consumes it
+without its mode's queue (``-Q``)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from worker.core.schema import ChunkRef
 from worker.core.states import Mode, Priority, QueueMode
@@ -28,6 +37,33 @@ def worker_queues(profile: str, mode: Mode) -> list[str]:
         for level in (Priority.HIGH, Priority.NORMAL, Priority.LOW)
         for m in (QueueMode(mode), QueueMode.ANY)
     ]
+
+
+LEVELS = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+def dispatch_targets(profile: str, mode: Mode, consumed: Sequence[str]) -> list[str | tuple[str, str]]:
+    """What a worker of ``mode`` consuming ``consumed`` tops up (see :mod:`worker.store.dispatch`):
+    at each level, its mode's queue, also from the ``any`` queue's jobs when it consumes that too;
+    the ``any`` queue itself only when it consumes that without its mode's queue."""
+    targets: list[str | tuple[str, str]] = []
+    for level in LEVELS:
+        own, anyq = queue_name(profile, mode, level), queue_name(profile, QueueMode.ANY, level)
+        if own in consumed:
+            targets.append((own, anyq) if anyq in consumed else own)
+        elif anyq in consumed:
+            targets.append(anyq)
+    return targets
+
+
+def publish_targets(profile: str, mode: QueueMode, priority: Priority) -> list[str | tuple[str, str]]:
+    """Where a publish of a job of ``mode`` and ``priority`` dispatches at once: its own queue, or
+    for an ``any`` job the queues of both modes (each takes from the ``any`` jobs only while a
+    live worker consumes it)."""
+    anyq = queue_name(profile, QueueMode.ANY, priority)
+    if mode != QueueMode.ANY:
+        return [(queue_name(profile, mode, priority), anyq)]
+    return [(queue_name(profile, m, priority), anyq) for m in Mode]
 
 
 def task_id(ref: ChunkRef) -> str:

@@ -24,7 +24,7 @@ from worker.queue.backup import backup_hook
 from worker.queue.leases import keeper, sweep_hook
 from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
-from worker.queue.routing import TASK_NAME, worker_queues
+from worker.queue.routing import TASK_NAME, dispatch_targets, worker_queues
 from worker.runtime import Runtime, get_runtime
 from worker.store.memory import full_notice, is_full, wait_for_room
 
@@ -51,7 +51,7 @@ def run_chunk(self: Task, ref: dict[str, Any]) -> dict[str, Any]:
 def _dispatch(runtime: Runtime) -> None:
     _serve_queues(runtime)
     try:
-        runtime.store.dispatch(runtime.queues)
+        runtime.store.dispatch(runtime.targets)
     except Exception as exc:  # the next chunk or heartbeat dispatches again: never fail a chunk
         runtime.log.warning("dispatch_failed", error=str(exc)[:200])
 
@@ -139,13 +139,34 @@ def _on_process_init(**_: Any) -> None:
 
 def _serve_queues(runtime: Runtime) -> None:
     """The queues this process consumes: its heartbeat counts it as their consumer and tops them
-    up from the jobs' backlogs (the first beat is the dispatch at the worker's start)."""
+    up from the jobs' backlogs (the first beat is the dispatch at the worker's start).  A worker
+    started on some of its queues only (``-Q``) is the consumer of those only."""
     if not runtime.queues and runtime.profile is not None and runtime.mode is not None:
-        runtime.queues = worker_queues(runtime.profile.name, runtime.mode)
+        from celery import current_app
+
+        serve(runtime, consumed_queues(worker_queues(runtime.profile.name, runtime.mode), current_app))
+
     # each heartbeat also puts back chunks whose lease lapsed, and may start a backup
     hooks = (sweep_hook, backup_hook)
     if not any(getattr(h, "func", None) in hooks for h in runtime.beat_hooks):
         runtime.beat_hooks += [functools.partial(hook, runtime) for hook in hooks]
+
+
+def consumed_queues(queues: list[str], app: Any) -> list[str]:
+    """Those of ``queues`` that ``app``'s worker consumes (``-Q``), in their order (none without
+    ``-Q``: Celery then consumes its default queue only)."""
+    selected = app.amqp.queues.consume_from
+    if selected is None:
+        return list(queues)
+    return [q for q in queues if q in selected]
+
+
+def serve(runtime: Runtime, queues: list[str]) -> None:
+    """``runtime`` consumes ``queues`` (a worker's, in order): what it registers as the consumer
+    of, and what it tops up (:func:`worker.queue.routing.dispatch_targets`)."""
+    runtime.queues = list(queues)
+    if runtime.profile is not None and runtime.mode is not None:
+        runtime.targets = dispatch_targets(runtime.profile.name, runtime.mode, runtime.queues)
 
 
 @signals.worker_ready.connect

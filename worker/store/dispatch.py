@@ -22,26 +22,44 @@ import redis
 
 from worker.core.lifecycle import Event, allowed_arg
 from worker.store.base import StoreBase, refused
-from worker.store.keys import JOB_PREFIX, backlog_key, consumers_key, job_key, ring_key
+from worker.store.keys import JOB_PREFIX, backlog_key, consumers_key, job_key, ring_key, turn_key
+
+Target = str | tuple[str, str]
+"""A broker queue to top up from its own ring of jobs, or ``(queue, shared)``: from its own ring
+and, taking turns job by job, from the ring of queue ``shared`` (the ``any`` queue of its priority
+level, whose jobs any worker may run; :func:`worker.queue.routing.dispatch_targets`)."""
 
 
 class Dispatcher(StoreBase):
-    def _dispatch_keys(self, queues: Sequence[str]) -> list[str]:
-        return [k for q in queues for k in (q, ring_key(q), consumers_key(q))]
+    def _dispatch_keys(self, targets: Sequence[Target]) -> list[str]:
+        keys: list[str] = []
+        for target in targets:
+            queue, shared = (target, target) if isinstance(target, str) else target
+            keys += [queue, ring_key(queue), consumers_key(queue), ring_key(shared), turn_key(queue)]
+        return keys
 
-    def _dispatch_args(self, add: Sequence[str] = ()) -> list[str | int | float]:
-        return [self.settings.queue_depth, time.time(), JOB_PREFIX, *add]
+    def _dispatch_args(self, ring: str = "", add: Sequence[str] = ()) -> list[str | int | float]:
+        return [self.settings.queue_depth, time.time(), JOB_PREFIX, ring, *add]
 
-    def dispatch(self, queues: Sequence[str]) -> int:
-        """Top up each broker queue of ``queues`` from its jobs' backlogs, round robin; returns how
-        many messages moved (one EVALSHA)."""
-        if not queues:
+    def dispatch(self, targets: Sequence[Target]) -> int:
+        """Top up each broker queue of ``targets`` from its jobs' backlogs, round robin; returns
+        how many messages moved (one EVALSHA)."""
+        if not targets:
             return 0
-        return int(self._script("dispatch", self._dispatch_keys(queues), self._dispatch_args()))
+        return int(self._script("dispatch", self._dispatch_keys(targets), self._dispatch_args()))
 
-    def enqueue(self, job_id: str, queue: str, batches: Iterable[Sequence[str]], *, inc: str = "") -> int:
+    def enqueue(
+        self,
+        job_id: str,
+        queue: str,
+        batches: Iterable[Sequence[str]],
+        *,
+        inc: str = "",
+        targets: Sequence[Target] | None = None,
+    ) -> int:
         """Append messages to the job's backlog, a pipelined batch at a time, each batch followed
-        by putting the job in ``queue``'s ring and a dispatch; returns how many were appended.  A
+        by putting the job in ``queue``'s ring and a dispatch to ``targets`` (default: ``queue``
+        alone); returns how many were appended.  A
         partial job's backlog lives as long as the job (like its other keys).  Refused (the state
         table's error) when the job may not publish: ending, ended, gone, another incarnation."""
         keys = [job_key(job_id), backlog_key(job_id)]
@@ -52,7 +70,9 @@ class Dispatcher(StoreBase):
             # after the RPUSH, in the same pipeline: a dispatch that finds the backlog empty and
             # drops the job from the ring ran before it, and this puts the job back
             self.scripts["dispatch"](
-                keys=self._dispatch_keys([queue]), args=self._dispatch_args([job_id]), client=pipe
+                keys=self._dispatch_keys(targets or [queue]),
+                args=self._dispatch_args(ring_key(queue), [job_id]),
+                client=pipe,
             )
             try:
                 self._call(pipe.execute)

@@ -29,7 +29,8 @@ Others: ``jobs`` (sorted set: job id by creation time, the job index), ``worker:
 (heartbeat JSON with a TTL), ``workers`` (sorted set: worker name by last heartbeat) and
 ``throughput`` (hash: worker class → measured tokens/s, for `genq estimate`), and per broker
 queue ``<queue>`` (the Celery queue name): ``ring:<queue>`` (list: the jobs with a backlog for
-that queue, served round robin) and ``consumers:<queue>`` (sorted set: worker name by the time its
+that queue, served round robin), ``ring:<queue>:turn`` (counter: whose turn it is between the
+queue's ring and its level's ``any`` ring) and ``consumers:<queue>`` (sorted set: worker name by the time its
 heartbeat expires; how many workers consume the queue).
 
 Plain chunks are ranges: chunk ``c<n>`` holds items ``n × chunk_size`` up to the next chunk, so
@@ -93,6 +94,12 @@ def backlog_key(job_id: str) -> str:
 def ring_key(queue: str) -> str:
     """The jobs with chunks waiting for broker queue ``queue``, served round robin."""
     return f"{PREFIX}ring:{queue}"
+
+
+def turn_key(queue: str) -> str:
+    """Counter: whose turn it is when ``queue`` is topped up from its own ring and the ``any``
+    queue's ring (:mod:`worker.store.dispatch`)."""
+    return f"{ring_key(queue)}:turn"
 
 
 def consumers_key(queue: str) -> str:

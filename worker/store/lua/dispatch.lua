@@ -1,44 +1,65 @@
 -- Move chunk messages from jobs' backlogs to broker queues, one message per job in turn (round
 -- robin between the jobs of a queue), until each queue holds its target depth.
--- KEYS: per broker queue, three keys: the queue's list (what kombu BRPOPs), its ring of jobs,
---       its consumers (sorted set: worker -> heartbeat expiry)
--- ARGV: the fewest messages to keep waiting, now, the job key prefix ('genq:job:'), then job ids
---       to put in the FIRST queue's ring (a publish: their backlogs just grew)
+-- KEYS: per broker queue to top up, five keys: the queue's list (what kombu BRPOPs), its ring of
+--       jobs, its consumers (sorted set: worker -> heartbeat expiry), a shared ring (the ring of
+--       the any queue of its priority level; its own ring again when none) and its turn counter
+-- ARGV: the fewest messages to keep waiting, now, the job key prefix ('genq:job:'), a ring to put
+--       jobs in ('' for none), then those job ids (a publish: their backlogs just grew)
+-- A queue with a shared ring takes turns between the jobs of both rings: over as many draws as
+-- the two rings hold jobs, each job's turn comes once (the counter says whose), so a job pinned to
+-- a mode and an any job of one priority share a worker chunk by chunk.  It draws from the
+-- shared ring only while a live worker consumes it (an any job's chunks must not wait on the
+-- queue of a mode nobody runs).
 -- A message is always in exactly one of: a backlog, a broker queue, kombu's unacked hash; LMOVE
 -- moves it atomically.  A job whose status is ending, final or gone leaves the ring and loses its
 -- backlog (its items are counted as cancelled/expired by settle.lua, as for queued ones).  Job keys
 -- are built here from the prefix (not declared in KEYS): a single Redis, never a cluster.
 -- Returns how many messages were moved.
-local min_depth, now, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-if #KEYS >= 2 then
-  for i = 4, #ARGV do
+local min_depth, now, prefix, add = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+if add ~= '' then
+  for i = 5, #ARGV do
     -- a new job goes to the ring's right end: it is served next
-    if not redis.call('LPOS', KEYS[2], ARGV[i]) then redis.call('RPUSH', KEYS[2], ARGV[i]) end
+    if not redis.call('LPOS', add, ARGV[i]) then redis.call('RPUSH', add, ARGV[i]) end
   end
 end
 local moved = 0
-for q = 1, #KEYS, 3 do
-  local queue, ring, consumers = KEYS[q], KEYS[q + 1], KEYS[q + 2]
-  local depth = redis.call('ZCOUNT', consumers, '(' .. now, '+inf') + 1
+local targets = {}
+for q = 1, #KEYS, 5 do
+  local live = redis.call('ZCOUNT', KEYS[q + 2], '(' .. now, '+inf')
+  local depth = live + 1
   if depth < min_depth then depth = min_depth end
-  local n = redis.call('LLEN', queue)
-  -- each turn either moves a message (n grows) or removes a job from the ring: it ends
-  while n < depth do
-    local job = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
-    if not job then break end
-    local backlog = prefix .. job .. ':backlog'
-    local status = redis.call('HGET', prefix .. job, 'status')
-    if not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
-        or status == 'completed' then
-      redis.call('LREM', ring, 0, job)
-      redis.call('DEL', backlog)
-    else
-      local msg = redis.call('LMOVE', backlog, queue, 'LEFT', 'LEFT')
-      if msg then
-        n = n + 1
-        moved = moved + 1
+  local shared = KEYS[q + 3]
+  if shared == KEYS[q + 1] or live == 0 then shared = nil end
+  targets[#targets + 1] = {queue = KEYS[q], own = KEYS[q + 1], shared = shared, turn = KEYS[q + 4],
+                           depth = depth, n = redis.call('LLEN', KEYS[q])}
+end
+-- one turn per queue in each pass (queues sharing the any ring split its jobs' chunks between
+-- them); each turn either moves a message (n grows) or removes a job from a ring: it ends
+local busy = true
+while busy do
+  busy = false
+  for _, t in ipairs(targets) do
+    local lo = t.n < t.depth and redis.call('LLEN', t.own) or 0
+    local ls = (t.n < t.depth and t.shared) and redis.call('LLEN', t.shared) or 0
+    if lo + ls > 0 then
+      busy = true
+      local ring = t.own
+      if lo == 0 or (ls > 0 and redis.call('INCR', t.turn) % (lo + ls) >= lo) then ring = t.shared end
+      local job = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+      local backlog = prefix .. job .. ':backlog'
+      local status = redis.call('HGET', prefix .. job, 'status')
+      if not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
+          or status == 'completed' then
+        redis.call('LREM', ring, 0, job)
+        redis.call('DEL', backlog)
+      else
+        local msg = redis.call('LMOVE', backlog, t.queue, 'LEFT', 'LEFT')
+        if msg then
+          t.n = t.n + 1
+          moved = moved + 1
+        end
+        if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, job) end
       end
-      if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, job) end
     end
   end
 end
