@@ -12,6 +12,7 @@ for result in job.results():
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -167,10 +168,9 @@ class Job:
         if not entries:
             return 0
         indices = [index for index, _, _ in entries]
+        prefix = f"r{int(time.time())}{secrets.token_hex(3)}-"  # two rounds never share a chunk id
         chunks = store.add_chunks(
-            self.id,
-            make_chunks(indices, spec.chunk_size, prefix=f"r{int(time.time())}-"),
-            inc=spec.incarnation,
+            self.id, make_chunks(indices, spec.chunk_size, prefix=prefix), inc=spec.incarnation
         )
         self.client.publish(spec, chunks)
         return len(indices)

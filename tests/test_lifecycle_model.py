@@ -56,7 +56,7 @@ import producer.submit
 from producer.client import Client
 from tests.helpers import RedisServer
 from worker.core.errors import GenqError, JobConflict, JobNotFound, ShutdownRequested
-from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, Usage, error_result
+from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, Usage, error_result
 from worker.core.settings import Settings
 from worker.core.states import ErrorCode, FinishReason, ItemStatus, JobStatus, Mode, Priority, QueueMode
 from worker.queue import task as worker_task
@@ -723,7 +723,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         from celery.exceptions import Reject
 
         try:
-            worker_task._run_chunk(worker.runtime, ref)
+            worker_task._run_chunk(worker.runtime, ChunkRef.model_validate(ref))
         except Reject:
             msg.reject(requeue=True)
             return
@@ -1040,9 +1040,6 @@ def test_what_the_walk_found(world: World, small_pages: None, name: str) -> None
     _replay(REGRESSIONS[name])
 
 
-@pytest.mark.xfail(
-    reason="open: a refusal inside a pipelined publish surfaces as redis' ResponseError", strict=False
-)
 def test_delete_during_the_publish_is_refused_in_one_line(world: World, small_pages: None) -> None:
     """A delete while the submit publishes its chunks: the submit must end with the state table's
     refusal (a GenqError naming why), not redis' ResponseError and a traceback."""
@@ -1051,12 +1048,10 @@ def test_delete_during_the_publish_is_refused_in_one_line(world: World, small_pa
     )
 
 
-@pytest.mark.xfail(
-    reason="open: two retries within one second reuse the retry round's chunk id", strict=False
-)
 def test_two_retries_within_a_second_leave_nothing_pending_unrun(world: World, small_pages: None) -> None:
-    """The second retry forgets the errors again, but its round's chunk id (``r<seconds>-000000``)
-    is the first round's: the chunk is not new, nothing is published, and the job stalls."""
+    """The second retry forgets the errors again; its round's chunk id must not be the first
+    round's (once ``r<seconds>-000000``: the chunk was not new, nothing was published, and the job
+    stalled)."""
     retry = ("retry", {"job": "a", "all_errors": False})
     work = ("work", {"rounds": 1})
     submit = ("submit", {"job": "a", "variant": "new", "opts": _opts(n=1, flaky=0), "interrupt": None})

@@ -99,7 +99,8 @@ class StoreBase:
 def refused(exc: redis.ResponseError, event: Event, job_id: str) -> JobRefused | JobNotFound:
     """The state table's error for a guarded script's refusal (any other error is re-raised)."""
     text = str(exc)
-    if not text.startswith(REFUSED):
+    at = text.find(REFUSED)  # a pipeline's error names the command first: "Command # 1 (...) ..."
+    if at < 0:
         raise exc
-    state = text[len(REFUSED) :].split()[0]
+    state = text[at + len(REFUSED) :].split()[0]
     return refusal(event, None if state == "absent" else state, job_id)
