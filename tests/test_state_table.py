@@ -11,7 +11,10 @@ decides, against a real Redis (its own redis-server), the real store, producer a
   worker's store (the spec cache is keyed by incarnation), and an old message is dropped;
 * resuming with another priority, chunk size, mode or --skip-invalid: refused naming the option;
 * a resumed partial submit publishes no chunk that workers already finished;
-* delete while a chunk runs: the chunk ends quietly (no task failure), and no key is left.
+* delete while a chunk runs: the chunk ends quietly (no task failure), and no key is left;
+* the fleet's and the follower's guarded steps: a `collect --follow` of a job deleted and submitted
+  again drains nothing of the new incarnation; wasted tokens of another incarnation or of a gone job
+  count nothing; a backup or a time box's hand-on of a cancelled job records no chunk.
 """
 
 from __future__ import annotations

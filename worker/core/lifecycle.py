@@ -243,7 +243,7 @@ TABLE: dict[str, dict[Event, Entry]] = {
         delete=Move((ABSENT,), "every key and waiting message removed"),
         prune=Refuse("job {job} is being cancelled: prune leaves it alone"),
         ttl_lapse=Refuse("job {job} settles before any TTL"),
-        worker_death=_same(CG, "settles once the dead worker's chunk is older than GENQ_VISIBILITY_TIMEOUT"),
+        worker_death=_same(CG, "settles once the dead worker's chunk's lease lapsed (GENQ_LEASE_SECONDS)"),
     ),
     str(C): _final_row(C),
     str(X): _final_row(X),
