@@ -71,8 +71,12 @@ class Follower:
         self._stop = threading.Event()
         self._lost: str | None = None
         self._thread: threading.Thread | None = None
+        self.inc = ""
+        """The incarnation followed: a drain of another one (the id deleted and submitted again
+        meanwhile) is refused in the same atomic step."""
 
     def __enter__(self) -> Follower:
+        self.inc = self.store.spec(self.job.id).incarnation
         self._take()
         self._thread = threading.Thread(target=self._renew, name="genq-follow-lease", daemon=True)
         self._thread.start()
@@ -125,7 +129,7 @@ class Follower:
     def confirm(self, rows: list[tuple[int, str, bool]]) -> int:
         """``(index, digest, keep)`` are durable on the consumer's side: drain them."""
         self.check()
-        return self.store.confirm_drained(self.job.id, rows)
+        return self.store.confirm_drained(self.job.id, rows, inc=self.inc)
 
     def pages(self, *, on_state: Callable[[JobState], None] | None = None) -> Iterator[Page]:
         """Pages of new results until the job has ended and every result is drained."""

@@ -11,7 +11,10 @@ decides, against a real Redis (its own redis-server), the real store, producer a
   worker's store (the spec cache is keyed by incarnation), and an old message is dropped;
 * resuming with another priority, chunk size, mode or --skip-invalid: refused naming the option;
 * a resumed partial submit publishes no chunk that workers already finished;
-* delete while a chunk runs: the chunk ends quietly (no task failure), and no key is left.
+* delete while a chunk runs: the chunk ends quietly (no task failure), and no key is left;
+* the fleet's and the follower's guarded steps: a `collect --follow` of a job deleted and submitted
+  again drains nothing of the new incarnation; wasted tokens of another incarnation or of a gone job
+  count nothing; a backup or a time box's hand-on of a cancelled job records no chunk.
 """
 
 from __future__ import annotations
@@ -500,3 +503,84 @@ def test_delete_while_a_real_worker_runs_a_chunk_logs_no_task_failure(
     text = worker.log_path.read_text(errors="replace")
     assert "Traceback" not in text and "raised unexpected" not in text, text[-3000:]
     assert job_keys(r, job) == [] and r.zscore(JOBS_INDEX, job) is None
+
+
+# --- the fleet's and the follower's steps -------------------------------------------------------------
+
+
+def ok_results(store: RedisStore, job_id: str, n: int) -> list[ItemResult]:
+    """The same results for both incarnations of a job id (so their stored json is the same)."""
+    return [
+        ItemResult(index=it.index, id=it.id, line=it.line, status="ok", text="x", usage=Usage())
+        for it in store.items(job_id, range(n))
+    ]
+
+
+def test_a_follower_of_a_deleted_job_drains_nothing_of_its_new_incarnation(
+    server: RedisServer, client: Client
+) -> None:
+    """A `collect --follow` reads a page of job dr, and dr is deleted and submitted again (its
+    results the same bytes) before the page is confirmed: the drain is refused in the same step
+    (the follower's incarnation is not the job's), and the new job's results stay in Redis."""
+    from producer.follow import Follower
+    from worker.store.drain import result_digest
+
+    r = server.client()
+    store = RedisStore(server.url)
+    client.submit(records(4), profile=PROFILE, job_id="dr", chunk_size=4)
+    store.record("dr", ok_results(store, "dr", 4))
+    with Follower(client.job("dr")) as follower:
+        old = r.hgetall(job_key("dr", "results"))
+        rows = [(int(i), result_digest(raw), False) for i, raw in old.items()]
+        client.delete("dr")
+        client.submit(records(4), profile=PROFILE, job_id="dr", chunk_size=4)
+        assert follower.inc and store.spec("dr").incarnation != follower.inc
+        store.record("dr", ok_results(store, "dr", 4))
+        assert r.hgetall(job_key("dr", "results")) == old  # the same bytes: the digests match
+        with pytest.raises(JobNotFound) as gone:
+            follower.confirm(rows)
+        assert "nothing is drained" in one_line(gone.value)
+    assert r.hlen(job_key("dr", "results")) == 4 and r.hlen(job_key("dr", "inputs")) == 4
+    assert store.drained_total("dr") == 0
+    # the new incarnation's own follower drains them
+    assert store.confirm_drained("dr", rows, inc=store.spec("dr").incarnation) == 4
+    assert r.hlen(job_key("dr", "results")) == 0 and store.drained_total("dr") == 4
+
+    client.delete("dr")  # a job gone: refused, and no key of it is made again
+    with pytest.raises(JobNotFound):
+        store.confirm_drained("dr", rows)
+    assert job_keys(r, "dr") == []
+
+
+def test_waste_of_another_incarnation_or_a_gone_job_counts_nothing(
+    server: RedisServer, client: Client
+) -> None:
+    r = server.client()
+    store = RedisStore(server.url)
+    client.submit(records(4), profile=PROFILE, job_id="w1", chunk_size=4)
+    old = store.spec("w1").incarnation
+    assert store.add_waste("w1", 7, 1, inc=old) == 7
+    client.delete("w1")
+    assert store.add_waste("w1", 5, 1, inc=old) == 0 and job_keys(r, "w1") == []  # nothing recreated
+    client.submit(records(4), profile=PROFILE, job_id="w1", chunk_size=4)
+    assert store.add_waste("w1", 5, 1, inc=old) == 0  # an old chunk's waste: not the new job's
+    assert store.waste("w1") == (0, 0)
+    assert store.add_waste("w1", 3, 2, inc=store.spec("w1").incarnation) == 3
+    assert store.waste("w1") == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("event", "said"), [(Event.BACKUP, "no backup is taken"), (Event.TIME_BOX, "not handed on")]
+)
+def test_a_backup_or_a_time_box_of_a_cancelled_job_records_no_chunk(
+    server: RedisServer, client: Client, event: Event, said: str
+) -> None:
+    r = server.client()
+    store = RedisStore(server.url)
+    client.submit(records(4), profile=PROFILE, job_id="b1", chunk_size=4)
+    inc = store.spec("b1").incarnation
+    client.job("b1").cancel()
+    with pytest.raises(JobRefused) as refused:
+        store.add_chunks("b1", {"c000000.b": [1, 2]}, inc=inc, event=event)
+    assert "job b1 is cancelled" in one_line(refused.value) and said in str(refused.value)
+    assert not r.hexists(job_key("b1", "chunks"), "c000000.b")

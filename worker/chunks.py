@@ -37,6 +37,7 @@ from worker.core.errors import (
     WorkerLost,
     retry_may_help,
 )
+from worker.core.lifecycle import Event
 from worker.core.logs import bind, get_logger, unbind
 from worker.core.observe import observer
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
@@ -86,6 +87,7 @@ class ChunkStore(Protocol):
         *,
         split_parent: str | None = None,
         inc: str = "",
+        event: Event = Event.PUBLISH,
     ) -> dict[str, list[int]]: ...
 
 
@@ -98,7 +100,7 @@ class JobControl(Protocol):
     def settle(self, job_id: str) -> bool: ...
     def clear_running(self, job_id: str, cid: str, *, inc: str = "") -> None: ...
     def backed_up(self, job_id: str, cid: str) -> bool: ...
-    def add_waste(self, job_id: str, tokens: int, items: int) -> int: ...
+    def add_waste(self, job_id: str, tokens: int, items: int, *, inc: str = "") -> int: ...
 
 
 @dataclass
@@ -244,7 +246,7 @@ class _Run:
         wasted = sum(r.usage.completion_tokens for r in lost)
         if lost and self.control is not None:
             self.wasted_tokens += wasted
-            self.control.add_waste(self.ref.job_id, wasted, len(lost))
+            self.control.add_waste(self.ref.job_id, wasted, len(lost), inc=self.ref.inc)
             observer().wasted(wasted)
         self.log.info(
             "results_written",
@@ -494,7 +496,8 @@ def _hand_on(run: _Run, publish: Publish, started: float) -> Outcome:
     delivery then ends and is acknowledged; the items it wrote stay written)."""
     job_id, cid = run.ref.job_id, run.ref.chunk_id
     left = run.store.pending_indices(job_id, run.todo)
-    children = run.store.add_chunks(job_id, {rest_id(cid): left}, inc=run.ref.inc) if left else {}
+    hand_on = {rest_id(cid): left}
+    children = run.store.add_chunks(job_id, hand_on, inc=run.ref.inc, event=Event.TIME_BOX) if left else {}
     if children:
         publish(run.spec, children)
     seconds = time.perf_counter() - started

@@ -46,6 +46,13 @@ class Event(StrEnum):
     PRUNE = "prune"
     TTL_LAPSE = "TTL lapse"
     WORKER_DEATH = "worker death"
+    LEASE_RENEWED = "lease renewed"
+    LEASE_LAPSES = "lease lapses"
+    BACKUP = "backup taken"
+    TIME_BOX = "time box ends"
+    WASTE = "waste counted"
+    DRAIN = "results drained"
+    FOLLOW_LEASE = "follower lease"
 
 
 @dataclass(frozen=True)
@@ -236,14 +243,84 @@ TABLE: dict[str, dict[Event, Entry]] = {
         delete=Move((ABSENT,), "every key and waiting message removed"),
         prune=Refuse("job {job} is being cancelled: prune leaves it alone"),
         ttl_lapse=Refuse("job {job} settles before any TTL"),
-        worker_death=_same(CG, "settles once the dead worker's chunk is older than GENQ_VISIBILITY_TIMEOUT"),
+        worker_death=_same(CG, "settles once the dead worker's chunk's lease lapsed (GENQ_LEASE_SECONDS)"),
     ),
     str(C): _final_row(C),
     str(X): _final_row(X),
     str(E): _final_row(E),
 }
+
+
+def _fleet_row(state: str) -> dict[Event, Entry]:
+    """A running chunk's lease, its backup and time box, wasted work, and a follower's drain.
+    None of them moves the job.  Backup and time box record a chunk (``chunks.lua``, guarded
+    like *publish chunks*); drain is guarded (a collector of another incarnation drains nothing
+    of this one).  Lease renewal, the lease sweep and the follower lease touch no field of the
+    job and recreate no key of a job that is gone: they need no guard (their next guarded step
+    is checked)."""
+    live, gone = state in LIVE, state == ABSENT
+    ending = "being cancelled" if state == CG else state
+    renew = "kombu's delivery time and this worker's `running` entry move to now (the entry only "
+    renew += "while it is this worker's: a chunk of a gone job recreates no key); no guard needed"
+    lapse = "the message goes back to its queue (kombu's restore, in a transaction a renewal wins); "
+    lapse += "no guard needed: its next delivery is checked as *chunk delivered*"
+    if state == CG:
+        lapse = "as in a live job; the redelivered chunk is dropped, and the job settles once the "
+        lapse += "chunk's `running` entry is older than GENQ_LEASE_SECONDS"
+    return _row(
+        state,
+        lease_renewed=_same(state, renew),
+        lease_lapses=_same(state, lapse),
+        backup=(
+            _same(
+                state,
+                "a backup chunk `<cid>.b` of the unfinished items (at most one per chunk); "
+                "both run, first write wins",
+            )
+            if live
+            else Refuse(
+                f"{_GONE}: no backup is taken" if gone else f"job {{job}} is {ending}: no backup is taken"
+            )
+        ),
+        time_box=(
+            _same(state, "what is left is recorded as `<cid>.r` and published; this delivery ends")
+            if live
+            else Refuse(
+                f"{_GONE}: the chunk is dropped"
+                if gone
+                else f"job {{job}} is {ending}: what is left is not handed on"
+            )
+        ),
+        waste=_same(
+            state,
+            "nothing counted: the job's hash is never recreated; guarded by the incarnation"
+            if gone
+            else "tokens generated and not kept (another write came first) counted on the job; a chunk "
+            "of another incarnation counts nothing",
+        ),
+        drain=(
+            Refuse(f"{_GONE}: nothing is drained (nor of a new incarnation of the same id)")
+            if gone
+            else _same(
+                state,
+                "each result durable in the collector's output is marked in `drained` and leaves Redis "
+                "(an error moves to `drained_errors`, its input kept for retry); a result changed since "
+                "it was read stays",
+            )
+        ),
+        follow_lease=_same(
+            state,
+            "harmless, no guard: the key lapses by itself in seconds; the collector's first drain is refused"
+            if gone
+            else "one collector per job: a key of its own with a short TTL, not the job's state; "
+            "no guard needed",
+        ),
+    )
+
+
 for _state, _cells in TABLE.items():
     _cells.setdefault(Event.RESUME_OTHER, _OTHER)
+    _cells.update(_fleet_row(_state))
     # a final or live job refuses a resume with other options the same way
 del _state, _cells
 TABLE = {state: {event: TABLE[state][event] for event in Event} for state in STATES}

@@ -10,6 +10,7 @@ from typing import IO
 
 from worker.core.counting import count_field
 from worker.core.jobstate import JobState
+from worker.core.lifecycle import Event
 from worker.core.outputs import OutputFormat, append_row, result_row
 from worker.core.schema import Counts, Item, ItemResult, JobSpec
 from worker.core.states import CountField, JobStatus
@@ -79,6 +80,7 @@ class LocalStore:
         *,
         split_parent: str | None = None,
         inc: str = "",
+        event: Event = Event.PUBLISH,
     ) -> dict[str, list[int]]:
         new = {cid: idx for cid, idx in chunks.items() if cid not in self.chunks}
         self.chunks.update(new)

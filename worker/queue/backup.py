@@ -24,6 +24,7 @@ from typing import Any
 
 from worker.chunks import backup_id, is_backup
 from worker.core.errors import JobNotFound
+from worker.core.lifecycle import Event
 from worker.core.logs import get_logger
 from worker.core.schema import JobSpec
 from worker.queue.publish import publish_chunks
@@ -102,7 +103,7 @@ def backup_hook(runtime: Runtime) -> None:
     best = max(found, key=lambda c: c.holder_eta)
     job_id = best.spec.job_id
     created = runtime.store.add_chunks(
-        job_id, {backup_id(best.chunk_id): best.left}, inc=best.spec.incarnation
+        job_id, {backup_id(best.chunk_id): best.left}, inc=best.spec.incarnation, event=Event.BACKUP
     )
     if not created:
         return  # another worker backed it up first

@@ -33,6 +33,7 @@ SCRIPTS = (
     "dispatch",
     "renew",
     "waste",
+    "drain",
 )
 """The Lua scripts in ``lua/``, each one atomic step of a job's life (read once, at import)."""
 

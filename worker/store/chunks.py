@@ -40,15 +40,17 @@ class ChunkRecords(ResultStore):
         *,
         split_parent: str | None = None,
         inc: str = "",
+        event: Event = Event.PUBLISH,
     ) -> dict[str, list[int]]:
         """Record new chunks; returns those this call created (a chunk held by two live workers
         is split by both: only the first split publishes its children).  Refused when the job
-        may not publish (ending, ended, gone, or another incarnation)."""
+        may not publish (ending, ended, gone, or another incarnation); ``event``: the state
+        table's event this is (a backup, a time box's hand-on, else publishing)."""
         keys = [job_key(job_id), job_key(job_id, "chunks")]
         args: list[str] = [split_parent or ""]
         for cid, idx in chunks.items():
             args += [cid, json.dumps(idx)]
-        made = set(self._step(Event.PUBLISH, job_id, inc, "chunks", keys, args))
+        made = set(self._step(event, job_id, inc, "chunks", keys, args))
         return {cid: idx for cid, idx in chunks.items() if cid in made}
 
     def claim(self, job_id: str, numbers: Sequence[int], *, inc: str = "") -> list[int]:

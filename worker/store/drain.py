@@ -20,11 +20,13 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from worker.core.lifecycle import Event
 from worker.store.base import LUA
 from worker.store.keys import FOLLOWER, PAGE, job_key
 from worker.store.results import ResultStore
 
-_SOURCES = {name: (LUA / f"{name}.lua").read_text(encoding="utf-8") for name in ("drain", "follow_lease")}
+_SOURCES = {"follow_lease": (LUA / "follow_lease.lua").read_text(encoding="utf-8")}
+"""Unguarded: the follow lease is a key of its own, not the job's state (see the state table)."""
 
 
 def result_digest(raw: str) -> str:
@@ -55,17 +57,18 @@ class DrainStore(ResultStore):
         # an HSCAN may return an entry twice: keep one
         return list(dict(found).items())
 
-    def confirm_drained(self, job_id: str, rows: Sequence[tuple[int, str, bool]]) -> int:
+    def confirm_drained(self, job_id: str, rows: Sequence[tuple[int, str, bool]], *, inc: str = "") -> int:
         """``rows`` of ``(index, result digest, keep)`` are durably in the collector's output:
         mark them drained and delete those not kept (with their inputs).  Returns how many were
-        marked (a result replaced since it was read is not)."""
+        marked (a result replaced since it was read is not).  A guarded step of the state table:
+        :class:`JobNotFound` when the job is gone or not incarnation ``inc`` ('': any)."""
         keys = [job_key(job_id, part) for part in ("", "results", "inputs", "drained", "drained_errors")]
         marked = 0
         for start in range(0, len(rows), PAGE):
             argv: list[Any] = []
             for index, digest, keep in rows[start : start + PAGE]:
                 argv += [index, digest, 1 if keep else 0]
-            marked += int(self._drain_script("drain", keys, argv))
+            marked += int(self._step(Event.DRAIN, job_id, inc, "drain", keys, argv))
         return marked
 
     def stored_results(self, job_id: str, indices: Sequence[int]) -> list[str | None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from worker.chunks import backup_id
+from worker.core.lifecycle import Event, allowed_arg
 from worker.store.base import StoreBase
 from worker.store.keys import job_key
 
@@ -34,9 +35,11 @@ class Leases(StoreBase):
         """Whether another worker has taken over the unfinished items of ``cid``."""
         return bool(self._call(self.r.hexists, job_key(job_id, "chunks"), backup_id(cid)))
 
-    def add_waste(self, job_id: str, tokens: int, items: int) -> int:
-        """Count ``tokens`` of ``items`` results generated and not kept; returns the job's total."""
-        return int(self._script("waste", [job_key(job_id)], [tokens, items]))
+    def add_waste(self, job_id: str, tokens: int, items: int, *, inc: str = "") -> int:
+        """Count ``tokens`` of ``items`` results generated and not kept; returns the job's total
+        (a job gone or not incarnation ``inc`` counts nothing: 0)."""
+        args = [inc, allowed_arg(Event.WASTE), tokens, items]
+        return int(self._script("waste", [job_key(job_id)], args))
 
     def waste(self, job_id: str) -> tuple[int, int]:
         """``(wasted tokens, wasted items)`` of the job so far."""
