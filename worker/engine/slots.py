@@ -45,6 +45,9 @@ class SlotDecoder:
         self.forward = forward
         self.rules = rules
         self.prefixes = prefixes if prefixes is not None else PrefixCache()
+        self.row_steps = 0
+        """Token positions computed for rows so far (one per row of each decode step, one per row
+        prefilled): what a benchmark divides the tokens kept by."""
 
     def run(
         self,
@@ -84,6 +87,7 @@ class SlotDecoder:
             n = len(active)
             positions, visible = cache.begin_decode(n)
             step = torch.tensor(tokens, dtype=torch.long)[:, None]
+            self.row_steps += n
             logits = fwd(step, visible, positions, cache, adapters=[r.prep.adapter for r in active])
             tokens = self.rules.pick(logits, active)
             self._settle(active, tokens, cache, range(n), finished)
@@ -128,6 +132,7 @@ class SlotDecoder:
             adapters = [r.prep.adapter for r in group]
             logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
             picks += self.rules.pick(logits, group)
+            self.row_steps += len(group)
             del logits
             start = end
         return picks
