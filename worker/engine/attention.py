@@ -83,21 +83,24 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    rows, heads, _, dim = query.shape
+    # the query heads sharing a key head side by side, as one query block per key head (what
+    # transformers does for one query; sdpa's own GQA path copies the keys on the CPU)
+    packed = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
     outs = []
     for c in slot_chunks:
         mask = None if c.exact else attention_mask[c.lo : c.hi, :, :, : c.span]
-        out, _ = sdpa_attention_forward(
-            module,
-            query[c.lo : c.hi],
-            key[c.lo : c.hi, :, : c.span],
-            value[c.lo : c.hi, :, : c.span],
-            mask,
-            dropout=dropout,
-            scaling=scaling,
-            **kwargs,
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                packed[c.lo : c.hi],
+                key[c.lo : c.hi, :, : c.span],
+                value[c.lo : c.hi, :, : c.span],
+                attn_mask=mask,
+                scale=scaling,
+            )
         )
-        outs.append(out)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
