@@ -16,10 +16,10 @@
 # Steps (limit in seconds), each writing $OUT/<step>.txt; $OUT/summary.txt has each step's exit
 # status and seconds, $OUT/bench-gpu.json the benchmark's figures:
 #   install   (60)   .gpu's wheels and the trimmed bitsandbytes into /tmp/site
-#   versions  (30)   nvidia-smi; torch, CUDA, bitsandbytes versions
+#   versions  (60)   nvidia-smi; torch, CUDA, bitsandbytes versions
 #   tests    (150)   pytest -m gpu: NF4 on the GPU, NF4 with a small max_memory so layers offload to
 #                    the CPU (greedy equal to HF generate), KV where each layer runs, a real CUDA OOM
-#   bench    (330)   python -m bench.gpu --json --batches 1,64: Qwen2.5-7B-shaped random weights in NF4
+#   bench    (300)   python -m bench.gpu --json --batches 1,64: Qwen2.5-7B-shaped random weights in NF4
 #                    (built on the machine, ~15 GB bf16): batch-64 tok/s, weights' memory, vs padded
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,7 +82,7 @@ if [ "$dry" = 1 ]; then
   # folder (so its install is checked) but is not put on the path
   step install 60 install || exit 2
   export PY=${PYTHON:-.venv/bin/python}
-  export PYTHONPATH=$PWD GENQ_HOME=${GENQ_HOME:-$PWD/.genq/bench}
+  export PYTHONPATH=$PWD GENQ_HOME=${GENQ_HOME:-$PWD/.genq/bench} HF_HUB_OFFLINE=1
   bench_args=(--tiny --batches 1,4 --new-tokens 8 --naive-items 2)
 else
   step install 60 install || exit 2
@@ -93,10 +93,10 @@ fi
 failed=0
 for s in $steps; do
   case $s in
-    versions) step versions 30 versions || failed=1 ;;
+    versions) step versions 60 versions || failed=1 ;;
     tests) step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || failed=1 ;;
     bench)
-      step bench-gpu 330 "$PY" -m bench.gpu --json "${bench_args[@]}" || failed=1
+      step bench-gpu 300 "$PY" -m bench.gpu --json "${bench_args[@]}" || failed=1
       tail -n 1 "$out/bench-gpu.txt" | grep '^{' > "$out/bench-gpu.json" || failed=1
       ;;
     *) echo "unknown step: $s" | tee -a "$summary"; failed=1 ;;
