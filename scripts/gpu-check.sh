@@ -51,10 +51,11 @@ mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
 site=/tmp/site
-[ "$dry" = 1 ] && site=$(mktemp -d)
+scale=1  # the limits are the GPU's; the dry run's NF4 runs on bitsandbytes' (slow) CPU backend
+[ "$dry" = 1 ] && site=$(mktemp -d) && scale=4
 
 step() {  # step NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds into $out/NAME.txt
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$(( $2 * scale )) start rc
   shift 2
   start=$(date +%s)
   timeout "$limit" bash -c '"$@"' _ "$@" > "$out/$name.txt" 2>&1
