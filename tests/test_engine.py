@@ -263,8 +263,10 @@ def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ign
 
     attention.register()
     AttentionInterface.register(attention.SLOT_ATTENTION, counting)
+    engine = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
+    engine.forward.live_span = True  # whatever GENQ_LIVE_SPAN_ATTENTION says
     try:
-        live = [r.text for r in Engine(loaded_fp32, max_batch_size=5, ignore_eos=True).generate(_far_apart())]
+        live = [r.text for r in engine.generate(_far_apart())]
     finally:
         AttentionInterface.register(attention.SLOT_ATTENTION, attention.slot_attention)
     assert runs and max(runs) >= 3, runs
