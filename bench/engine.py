@@ -2,7 +2,7 @@
 machine's best fp32 kernel measured in the same run.
 
     python -m bench.engine [--json] [--items 64] [--new-tokens 64] [--naive-items 16]
-                           [--padded 32,64] [--skip-generate-batch] [--tiny]
+                           [--padded 32,64] [--mixed-mean 32] [--skip-generate-batch] [--tiny]
 
 All runs share one model — the ~200M-parameter Qwen2-shaped benchmark model (random weights, fp32,
 LoRA adapter merged: the CPU worker's mode), built locally on first use and set up exactly as a
@@ -16,10 +16,17 @@ exactly ``new-tokens`` per prompt:
   alone runs);
 * **naive**: HF ``generate`` one prompt at a time (``--naive-items`` prompts spread over the length
   range: its rate is per token and hardly depends on the batch it is taken from);
-* **generate_batch**: transformers' continuous batching, where it runs (``--skip-generate-batch``).
+* **generate_batch**: transformers' continuous batching, where it runs (``--skip-generate-batch``);
+* **mixed lengths**: the same prompts, each with an answer length of its own drawn (fixed seed) from
+  the long-tailed shape of real chat answers (:func:`bench.fixtures.answer_lengths`: log-normal,
+  standard deviation = mean, mean ``--mixed-mean``), EOS ignored so each ends exactly there: the
+  engine, and the padded baselines with each row stopped at its length and each batch run until its
+  last row ends, as ``generate`` does (``--mixed-mean 0``: not run).
 
 Headline ratios: ``vs_padded`` = engine ÷ the best padded run (of all of them), ``vs_padded_plain``
-= engine ÷ the best padded run on plain ``nn.Linear``, ``speedup`` = engine ÷ naive.
+= engine ÷ the best padded run on plain ``nn.Linear``, ``speedup`` = engine ÷ naive,
+``vs_padded_mixed`` = the engine ÷ the best padded run on the mixed lengths; ``useful_fraction``
+(and ``useful_fraction_mixed``) = tokens kept ÷ row-steps computed, per run.
 ``roofline_fraction`` = the FLOPs the workload needs (prefill, decode, attention, vocabulary
 projection: :func:`bench.flops.needed_flops`) ÷ engine seconds ÷ the best kernel measured here
 (:func:`bench.flops.kernel_peak`): its ceiling is 1.  With ``--json`` the last line is one JSON object.
@@ -33,21 +40,54 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import bench_home, bench_profile_yaml, emit, machine, mixed_prompts, table
+from bench.fixtures import (
+    answer_lengths,
+    bench_home,
+    bench_profile_yaml,
+    emit,
+    machine,
+    mixed_prompts,
+    table,
+    with_lengths,
+)
 from bench.flops import Shape, kernel_peak, needed_flops, non_embedding_parameters
-from bench.hf import plain_linears, run_generate_batch, run_naive, run_padded, spread
+from bench.hf import plain_linears, run_generate_batch, run_naive, run_padded_counted, spread
 
 __all__ = ["main", "non_embedding_parameters", "run_engine", "spread"]
 
 
 def run_engine(engine: Any, items: list[Any]) -> tuple[float, int]:
+    seconds, tokens, _ = run_engine_counted(engine, items)
+    return seconds, tokens
+
+
+def run_engine_counted(engine: Any, items: list[Any]) -> tuple[float, int, int]:
+    """(seconds, tokens kept, row-steps computed) of ``engine.generate(items)``."""
+    before = engine.slots.row_steps
     started = time.perf_counter()
     results = engine.generate(items)
     seconds = time.perf_counter() - started
     bad = [r for r in results if r.status != "ok"]
     if bad:
         raise SystemExit(f"engine errors: {bad[0].error}")
-    return seconds, sum(r.usage.completion_tokens for r in results)
+    return seconds, sum(r.usage.completion_tokens for r in results), engine.slots.row_steps - before
+
+
+Run = tuple[float, int, int]
+"""(seconds, tokens kept, row-steps computed)."""
+
+
+def _useful(run: Run) -> float | None:
+    return round(run[1] / run[2], 3) if run[2] else None
+
+
+def _compare(engine_run: Run, padded: dict[str, Run]) -> tuple[float | None, float | None]:
+    """The engine's rate ÷ the best padded run's, overall and on plain nn.Linear."""
+    rate = {name: t / s for name, (s, t, _) in padded.items()}
+    tps = engine_run[1] / engine_run[0]
+    best = max(rate.values(), default=None)
+    plain = max((v for k, v in rate.items() if k.startswith("plain")), default=None)
+    return (round(tps / best, 2) if best else None), (round(tps / plain, 2) if plain else None)
 
 
 def _row(name: str, prompts: int, tokens: int, seconds: float, naive_tps: float) -> tuple[str, ...]:
@@ -66,6 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--padded-plain",
         default="32,64",
         help="The same on plain nn.Linear layers, as transformers runs them.",
+    )
+    ap.add_argument(
+        "--mixed-mean",
+        type=float,
+        default=32,
+        help="Mean answer length of the mixed-length workload (0: not run).",
     )
     ap.add_argument("--skip-generate-batch", action="store_true")
     ap.add_argument(
@@ -98,19 +144,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tuned = engine.max_batch_size
     engine.generate(items[:2])  # warm-up
-    runs: dict[str, list[tuple[float, int]]] = {}
+    lengths = answer_lengths(len(items), args.mixed_mean) if args.mixed_mean > 0 else []
+    mixed_items = with_lengths(items, lengths) if lengths else []
+    workloads = [("", items, args.new_tokens)]
+    if mixed_items:
+        workloads.append(("mixed ", mixed_items, args.new_tokens))
+    runs: dict[str, list[Run]] = {}
     for r in range(max(1, args.repeat)):
-        print(f"[bench] round {r + 1}: engine, {len(items)} prompts at batch {tuned} ...", flush=True)
-        runs.setdefault("engine", []).append(run_engine(engine, items))
-        for b in padded_sizes:
-            runs.setdefault(f"padded{b}", []).append(run_padded(loaded, items, args.new_tokens, b))
-        with plain_linears(loaded.model):
-            for b in plain_sizes:
-                runs.setdefault(f"plain{b}", []).append(run_padded(loaded, items, args.new_tokens, b))
+        for tag, work, new in workloads:
+            print(f"[bench] round {r + 1}: {tag}engine, {len(work)} prompts at batch {tuned} ...", flush=True)
+            runs.setdefault(f"{tag}engine", []).append(run_engine_counted(engine, work))
+            for b in padded_sizes:
+                runs.setdefault(f"{tag}padded{b}", []).append(run_padded_counted(loaded, work, new, b))
+            with plain_linears(loaded.model):
+                for b in plain_sizes:
+                    runs.setdefault(f"{tag}plain{b}", []).append(run_padded_counted(loaded, work, new, b))
     best = {name: min(times) for name, times in runs.items()}  # the fastest run of each
-    engine_s, engine_tokens = best["engine"]
-    padded = {b: best[f"padded{b}"] for b in padded_sizes}
-    plain = {b: best[f"plain{b}"] for b in plain_sizes}
+    engine_s, engine_tokens, _ = best["engine"]
+    padded = {b: best[f"padded{b}"][:2] for b in padded_sizes}
+    plain = {b: best[f"plain{b}"][:2] for b in plain_sizes}
 
     naive_items = spread(items, args.naive_items)
     run_naive(loaded, naive_items[:1], 4)  # warm-up
@@ -147,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "padded_plain_tok_s": {str(b): round(t, 2) for b, t in plain_tps.items()},
         "vs_padded": round(engine_tps / best_padded, 2) if best_padded else None,
         "vs_padded_plain": round(engine_tps / best_plain, 2) if best_plain else None,
+        "useful_fraction": {k: _useful(v) for k, v in best.items() if not k.startswith("mixed ")},
         "naive_items": len(naive_items),
         "naive_tok_s": round(naive_tps, 2),
         "speedup": round(engine_tps / naive_tps, 2),
@@ -158,9 +211,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "engine_tokens": engine_tokens,
         "engine_seconds": round(engine_s, 2),
         "repeat": max(1, args.repeat),
-        "all_seconds": {name: [round(s, 2) for s, _ in times] for name, times in runs.items()},
+        "all_seconds": {name: [round(s, 2) for s, _, _ in times] for name, times in runs.items()},
         "naive_seconds": round(naive_s, 2),
     }
+    if mixed_items:
+        mixed = {k.removeprefix("mixed "): v for k, v in best.items() if k.startswith("mixed ")}
+        baselines = {k: v for k, v in mixed.items() if k != "engine"}
+        vs_mixed, vs_mixed_plain = _compare(mixed["engine"], baselines)
+        result.update(
+            {
+                "vs_padded_mixed": vs_mixed,
+                "vs_padded_mixed_plain": vs_mixed_plain,
+                "useful_fraction_mixed": {k: _useful(v) for k, v in mixed.items()},
+                "mixed_tok_s": {k: round(t / s, 2) for k, (s, t, _) in mixed.items()},
+                "mixed_tokens": sum(lengths),
+                "mixed_tokens_kept": {k: t for k, (_, t, _) in mixed.items()},
+                "mixed_answer_lengths": {
+                    "mean": round(sum(lengths) / len(lengths), 1),
+                    "median": sorted(lengths)[len(lengths) // 2],
+                    "max": max(lengths),
+                    "min": min(lengths),
+                    "mean_asked": args.mixed_mean,
+                },
+            }
+        )
     rows: list[tuple[str, ...]] = [("run", "prompts", "tokens", "seconds", "tok/s", "× naive")]
     rows.append(_row("naive HF generate, batch 1", len(naive_items), naive_tokens, naive_s, naive_tps))
     for b, (s, t) in padded.items():
@@ -176,6 +250,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["generate_batch"] = batch
         rows.append(("transformers generate_batch", "-", "-", "-", "-", batch))
     table(f"engine benchmark: {profile.name}, {shape.params / 1e6:.0f}M non-embedding parameters", rows)
+    if mixed_items:
+        mixed_rows = [("run (mixed answer lengths)", "tokens", "row-steps", "useful", "seconds", "tok/s")]
+        for name, (s, t, steps) in mixed.items():
+            useful = f"{t / steps:.2f}" if steps else "-"
+            mixed_rows.append((name, str(t), str(steps), useful, f"{s:.1f}", f"{t / s:.1f}"))
+        table(
+            f"mixed answer lengths: mean {result['mixed_answer_lengths']['mean']}, median "
+            f"{result['mixed_answer_lengths']['median']}, max {max(lengths)} (log-normal, sd = mean)",
+            mixed_rows,
+        )
+        print(f"vs padded on mixed lengths {result['vs_padded_mixed']}x", flush=True)
     print(
         f"vs padded {result['vs_padded']}x, vs naive {result['speedup']}x; best kernel "
         f"{peak['best'] / 1e9:.1f} GFLOP/s (mm {peak['matmul'] / 1e9:.1f}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -57,6 +58,34 @@ def mixed_prompts(profile_path: Path, n: int, new_tokens: int, seed: int = 1234)
             )
         )
     return items
+
+
+ANSWER_CV = 1.0
+"""Coefficient of variation (standard deviation ÷ mean) of answer lengths in published chat data:
+response lengths in tokens have a standard deviation about equal to their mean (Alpaca 64.5 ± 64.9,
+as tabulated in ShareChat, arXiv 2512.17843, Table 1), with a long right tail; LMSYS-Chat-1M
+(arXiv 2309.11998, Table 1) averages 214.5 tokens per response and 69.5 per prompt."""
+ANSWER_TAIL = 8.0
+"""Answers are cut at this many times the mean (the log-normal's 99.8th percentile at CV 1)."""
+
+
+def answer_lengths(n: int, mean: float, seed: int = 4321) -> list[int]:
+    """``n`` answer lengths (tokens, fixed seed) from a log-normal with mean ``mean`` and
+    coefficient of variation :data:`ANSWER_CV` — the long-tailed shape of real chat answers, scaled
+    to this machine's budget — at least 1 and at most ``ANSWER_TAIL × mean``."""
+    sigma = math.sqrt(math.log(1 + ANSWER_CV**2))
+    mu = math.log(mean) - sigma**2 / 2
+    rng = random.Random(seed)
+    top = max(1, int(ANSWER_TAIL * mean))
+    return [min(top, max(1, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def with_lengths(items: Sequence[Item], lengths: Sequence[int]) -> list[Item]:
+    """``items`` with each one's ``max_new_tokens`` set to its own length (EOS ignored: it ends there)."""
+    return [
+        it.model_copy(update={"params": it.params.model_copy(update={"max_new_tokens": n})})
+        for it, n in zip(items, lengths, strict=True)
+    ]
 
 
 def machine() -> dict[str, Any]:

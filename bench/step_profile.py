@@ -1,19 +1,29 @@
 """Where a decode step's time goes: the engine's decode step on the benchmark model, profiled.
 
-    python -m bench.step_profile [--json] [--rows 64] [--context 200] [--steps 5] [--threads N]
+    python -m bench.step_profile [--json] [--rows 64] [--context 200] [--spread 0] [--steps 5]
+                                 [--attention span,chunks,rows] [--shuffle] [--threads N]
 
 Runs ``--steps`` decode steps of ``--rows`` rows over a slot cache holding ``--context`` tokens per
 row (the model set up as a worker sets it up: ``build_engine``), times them, then profiles as many
 more with ``torch.profiler`` and splits the time into linear layers, attention, cache writes,
 elementwise work (norms, rotary, activations, residuals), choosing the token, and what no torch op
 accounts for (Python and dispatch).
+
+``--spread S`` gives the rows different lengths, evenly from ``context·(1−S)`` to
+``context·(1+S)`` (the same mean), longest first as the engine orders them (``--shuffle``: in
+random order).  Each decode attention of ``--attention`` is measured, interleaved, in one process:
+``span`` (every row up to the longest row, one masked sdpa call per layer), ``chunks`` (runs of rows
+of similar length, each over its own span: :mod:`worker.engine.attention`, the engine's default),
+``rows`` (one call per row over exactly its keys).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +49,45 @@ def category(name: str) -> str:
     return "other ops"
 
 
+def row_lengths(rows: int, context: int, spread: float, *, shuffle: bool = False) -> list[int]:
+    """``rows`` cached lengths evenly from ``context·(1−spread)`` to ``context·(1+spread)``,
+    longest first (``shuffle``: in a fixed random order)."""
+    lo, hi = context * (1 - spread), context * (1 + spread)
+    out = [max(1, round(hi - (hi - lo) * i / max(1, rows - 1))) for i in range(rows)]
+    if shuffle:
+        random.Random(7).shuffle(out)
+    return out
+
+
+def profiled_shares(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Shares of ``steps`` calls of ``step``'s time per part (:data:`CATEGORIES`), from
+    ``torch.profiler``; what no torch op accounts for is Python and dispatch."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiling
+
+    with profiling(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        profiled = time.perf_counter() - t0
+    split: dict[str, float] = {}
+    for event in prof.key_averages():
+        part = category(event.key)
+        split[part] = split.get(part, 0.0) + event.self_cpu_time_total / 1e6
+    ops = sum(split.values())
+    split["outside torch ops (Python, dispatch)"] = max(0.0, profiled - ops)
+    total = sum(split.values())
+    return {k: round(v / total, 3) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--spread", type=float, default=0.0, help="Row lengths context·(1±S), evenly.")
+    ap.add_argument("--shuffle", action="store_true", help="Rows in random order, not longest first.")
+    ap.add_argument("--attention", default="chunks", help="Decode attentions to measure: span,chunks,rows.")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
@@ -52,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from worker.core.profiles import load_profile
     from worker.core.settings import get_settings
     from worker.engine import build_engine
+    from worker.engine.attention import live_chunks
     from worker.engine.slot_cache import SlotCache
     from worker.model.loading import load_model
 
@@ -61,51 +106,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = get_settings().model_copy(update={"threads": args.threads})
     engine = build_engine(loaded, settings=settings, max_batch_size=args.rows)
     fwd, rows, vocab = engine.forward, args.rows, int(loaded.model.config.vocab_size)
-    cache = SlotCache(rows, args.context + 8)
+    lengths = row_lengths(rows, args.context, args.spread, shuffle=args.shuffle)
+    cache = SlotCache(rows, max(lengths) + 8)
+    variants = [v.strip() for v in args.attention.split(",") if v.strip()]
 
-    def step() -> None:
-        cache.lengths = [args.context] * rows
+    def step(variant: str) -> None:
+        cache.lengths = list(lengths)
         positions, visible = cache.begin_decode(rows)
+        if variant == "rows":
+            cache.chunks = live_chunks(cache.lengths[:rows], overhead=0)
+        fwd.live_span = variant != "span"
         logits = fwd(torch.randint(0, vocab, (rows, 1)), visible, positions, cache)
         logits.argmax(dim=-1).tolist()
 
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    shares: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        step()  # allocates the cache
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as profiling
-
-        with profiling(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            profiled = time.perf_counter() - t0
-    split: dict[str, float] = {}
-    for event in prof.key_averages():
-        part = category(event.key)
-        split[part] = split.get(part, 0.0) + event.self_cpu_time_total / 1e6
-    ops = sum(split.values())
-    split["outside torch ops (Python, dispatch)"] = max(0.0, profiled - ops)
-    total = sum(split.values())
-    shares = {k: round(v / total, 3) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
+        step(variants[0])  # allocates the cache
+        for _ in range(args.steps):  # interleaved: the machine's noise falls on every variant alike
+            for v in variants:
+                t0 = time.perf_counter()
+                step(v)
+                times[v].append(time.perf_counter() - t0)
+        for v in variants:
+            shares[v] = profiled_shares(lambda v=v: step(v), args.steps)  # type: ignore[misc]
+    best = {v: min(t) for v, t in times.items()}
+    first = variants[0]
     result: dict[str, Any] = {
         "benchmark": "step_profile",
         **machine(),
         "model": profile.name,
         "rows": rows,
         "context": args.context,
-        "step_ms": round(min(times) * 1000, 1),
-        "tok_s": round(rows / min(times), 1),
-        "shares": shares,
+        "spread": args.spread,
+        "shuffle": args.shuffle,
+        "live_fraction": round(sum(lengths) / (rows * max(lengths)), 3),
+        "step_ms": round(best[first] * 1000, 1),
+        "tok_s": round(rows / best[first], 1),
+        "shares": shares[first],
+        "attention": {
+            v: {"step_ms": round(best[v] * 1000, 1), "tok_s": round(rows / best[v], 1), "shares": shares[v]}
+            for v in variants
+        },
     }
-    table(
-        f"decode step: {rows} rows, {args.context} cached tokens each, {min(times) * 1000:.0f} ms",
-        [("part", "share"), *[(k, f"{v:.1%}") for k, v in shares.items()]],
-    )
+    for v in variants:
+        table(
+            f"decode step, attention {v}: {rows} rows, {args.context} cached tokens each on average "
+            f"(spread {args.spread}), {best[v] * 1000:.0f} ms",
+            [("part", "share"), *[(k, f"{x:.1%}") for k, x in shares[v].items()]],
+        )
     if args.json:
         emit(result)
     return result

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import drain, engine, fleet, flops, gpu, grammars, prefix, queue, scaling, structured
+from bench import drain, engine, fixtures, fleet, flops, gpu, grammars, prefix, queue, scaling, structured
 from tests.helpers import REPO, env_for
 
 
@@ -54,10 +54,27 @@ def test_fleet_benchmark_smoke() -> None:
 def test_engine_benchmark_smoke() -> None:
     result = engine.main(
         ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--padded", "4,8",
-         "--padded-plain", "8", "--skip-generate-batch"]
+         "--padded-plain", "8", "--skip-generate-batch", "--mixed-mean", "6"]
     )  # fmt: skip
     # EOS is ignored, so every prompt generates exactly --new-tokens
     assert result["engine_tokens"] == 12 * 6
+    assert all(v == 1.0 for v in result["useful_fraction"].values())  # equal lengths: nothing wasted
+    # mixed lengths: every run keeps each item's own length; the engine computes no row-step more
+    lengths = fixtures.answer_lengths(12, 6)
+    assert result["mixed_tokens"] == sum(lengths) and len(set(lengths)) > 1
+    assert set(result["mixed_tokens_kept"].values()) == {sum(lengths)}
+    useful = result["useful_fraction_mixed"]
+    assert useful["engine"] == 1.0
+    # a padded batch of 8 runs until its longest row: its row-steps are 8 × that row's length
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(_tiny_base()))
+    prompts = fixtures.mixed_prompts(Path(), 12, 6)
+    by_prompt = sorted(zip(prompts, lengths, strict=True), key=lambda p: len(tok(p[0].prompt)["input_ids"]))
+    steps8 = sum(len(g) * max(n for _, n in g) for g in (by_prompt[:8], by_prompt[8:]))
+    assert useful["padded8"] == round(sum(lengths) / steps8, 3) < 1
+    assert result["vs_padded_mixed"] == pytest.approx(
+        result["mixed_tok_s"]["engine"] / max(v for k, v in result["mixed_tok_s"].items() if k != "engine"),
+        rel=0.02,
+    )
     assert result["naive_tok_s"] > 0 and result["engine_tok_s"] > 0
     assert set(result["padded_tok_s"]) == {"4", "8"} and all(v > 0 for v in result["padded_tok_s"].values())
     assert set(result["padded_plain_tok_s"]) == {"8"}
@@ -65,7 +82,7 @@ def test_engine_benchmark_smoke() -> None:
     assert result["vs_padded"] == pytest.approx(result["engine_tok_s"] / best, rel=0.02)
     peak = result["kernel_peak_gflops"]
     assert peak["best"] == max(peak["matmul"], peak["packed"]) > 0
-    assert 0 < result["roofline_fraction"] < 1
+    assert 0 <= result["roofline_fraction"] < 1 and result["needed_gflop"] > 0  # 3 decimals: 0 under load
     assert result["generate_batch"] == "skipped"
 
 
@@ -82,7 +99,7 @@ def test_engine_benchmark_figures_agree_with_a_clock_outside_it() -> None:
     items, new, naive_items = 32, 8, 4
     args = ["--tiny", "--json", "--items", str(items), "--new-tokens", str(new)]
     args += ["--naive-items", str(naive_items), "--skip-generate-batch", "--padded", "", "--padded-plain", ""]
-    args += ["--repeat", "1"]
+    args += ["--repeat", "1", "--mixed-mean", "0"]
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "bench.engine", *args],
         cwd=REPO,
@@ -151,6 +168,26 @@ def test_grammar_libraries_smoke() -> None:
     llg = result["libraries"]["llguidance"]
     assert llg["installed"] and llg["imports_torch"] is False
     assert llg["mask_us"] > 0 and llg["compile_ms"] > 0 and "look-around" in llg["refused"]
+
+
+def _tiny_base() -> Path:
+    from worker.model.tiny import TINY, ensure_model
+
+    return ensure_model(TINY, home=fixtures.bench_home()).base
+
+
+def test_answer_lengths_are_long_tailed_and_seeded() -> None:
+    """The mixed workload's lengths: the same for every run, mean and spread as asked (log-normal,
+    standard deviation ≈ mean), a long right tail (mean above median), cut at 8 × the mean."""
+    import statistics
+
+    lengths = fixtures.answer_lengths(4000, 32)
+    assert lengths == fixtures.answer_lengths(4000, 32) != fixtures.answer_lengths(4000, 32, seed=1)
+    mean = statistics.mean(lengths)
+    assert 30 <= mean <= 34 and 0.85 <= statistics.pstdev(lengths) / mean <= 1.1
+    assert statistics.median(lengths) < 0.8 * mean and min(lengths) >= 1 and max(lengths) <= 256
+    items = fixtures.with_lengths(fixtures.mixed_prompts(Path(), 3, 64), [5, 1, 9])
+    assert [it.params.max_new_tokens for it in items] == [5, 1, 9]
 
 
 def test_needed_flops_by_hand() -> None:
@@ -266,6 +303,13 @@ def test_plain_linears_switches_the_packed_layers_back_for_a_while() -> None:
 def test_step_profile_smoke() -> None:
     from bench import step_profile
 
-    result = step_profile.main(["--tiny", "--rows", "4", "--context", "16", "--steps", "2"])
+    result = step_profile.main(
+        ["--tiny", "--rows", "4", "--context", "16", "--steps", "2", "--spread", "0.5",
+         "--attention", "span,chunks,rows"]
+    )  # fmt: skip
     assert result["step_ms"] > 0 and sum(result["shares"].values()) == pytest.approx(1, abs=0.01)
     assert result["shares"]["linear"] > 0 and result["shares"]["attention"] > 0
+    assert set(result["attention"]) == {"span", "chunks", "rows"}
+    assert all(v["step_ms"] > 0 for v in result["attention"].values())
+    assert step_profile.row_lengths(4, 16, 0.5) == [24, 19, 13, 8]  # longest first, mean 16
+    assert result["live_fraction"] == round(64 / 96, 3)

@@ -204,3 +204,76 @@ def test_plain_loop_matches_the_slot_cache(loaded_fp32) -> None:  # type: ignore
     plain = Engine(loaded_fp32, max_batch_size=4, ignore_eos=True)
     plain.attention = None  # what a sliding-window or flash-attention model gets
     assert [r.text for r in plain.generate(_varied())] == [r.text for r in fast.generate(_varied())]
+
+
+# --- decode attention over each row's live span ------------------------------------------------
+
+
+def test_live_chunks_cover_every_row_and_split_far_apart_lengths() -> None:
+    from worker.engine.attention import Chunk, live_chunks
+
+    assert live_chunks([]) == []
+    assert live_chunks([7, 7, 7]) == [Chunk(0, 3, 7, True)]  # one length: one call, no mask
+    lengths = [200, 198, 190, 150, 100, 100, 99, 20, 300]
+    chunks = live_chunks(lengths, overhead=96)
+    assert [(c.lo, c.hi) for c in chunks] == [(0, 4), (4, 8), (8, 9)]
+    assert [c.span for c in chunks] == [200, 100, 300] and [c.exact for c in chunks] == [False] * 2 + [True]
+    # no overhead: a call per length, each over exactly its rows' keys (equal neighbours share one)
+    assert live_chunks([5, 3, 3, 9], overhead=0) == [
+        Chunk(0, 1, 5, True),
+        Chunk(1, 3, 3, True),
+        Chunk(3, 4, 9, True),
+    ]
+    for overhead in (0, 10, 96, 10**9):  # every row in exactly one run, each within its run's span
+        chunks = live_chunks(lengths, overhead)
+        assert [r for c in chunks for r in range(c.lo, c.hi)] == list(range(len(lengths)))
+        assert all(max(lengths[c.lo : c.hi]) == c.span for c in chunks)
+
+
+def _far_apart() -> list[Item]:
+    """Rows whose lengths differ by far more than a run's overhead, with different budgets: the
+    decode passes hold several runs, and rows leave and are refilled."""
+    words = "the patient has a fever and a cough since monday , dose of aspirin".split()
+    sizes = [2, 120, 5, 60, 1, 90, 30, 3]
+    return [
+        Item(
+            index=i,
+            id=f"f{i}",
+            prompt=" ".join((words * 20)[:n]),
+            params=GenParams(max_new_tokens=3 + (i * 5) % 11),
+        )
+        for i, n in enumerate(sizes)
+    ]
+
+
+def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
+    """Greedy text with decode attention per run of rows (each over its own span) equals the text
+    with every row attending up to the longest row, and HF's own forward (the plain loop, a
+    DynamicCache); and the runs really happened, several per pass."""
+    from transformers import AttentionInterface
+
+    from worker.engine import attention
+
+    runs: list[int] = []
+
+    def counting(module, query, key, value, mask, slot_chunks=None, **kw):  # type: ignore[no-untyped-def]
+        if slot_chunks:
+            runs.append(len(slot_chunks))
+        return attention.slot_attention(module, query, key, value, mask, slot_chunks=slot_chunks, **kw)
+
+    attention.register()
+    AttentionInterface.register(attention.SLOT_ATTENTION, counting)
+    engine = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
+    engine.forward.live_span = True  # whatever GENQ_LIVE_SPAN_ATTENTION says
+    try:
+        live = [r.text for r in engine.generate(_far_apart())]
+    finally:
+        AttentionInterface.register(attention.SLOT_ATTENTION, attention.slot_attention)
+    assert runs and max(runs) >= 3, runs
+    span = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
+    span.forward.live_span = False
+    plain = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
+    plain.attention = None
+    assert live == [r.text for r in span.generate(_far_apart())]
+    assert live == [r.text for r in plain.generate(_far_apart())]
+    assert loaded_fp32.model.config._attn_implementation == "sdpa"  # set back after each pass

@@ -115,6 +115,10 @@ class Settings(BaseModel):
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker process.  Default: CPU cores ÷ processes."""
 
+    live_span_attention: bool = True
+    """Decode attention reads each row's keys up to its own length only (runs of rows of similar
+    length per call: :mod:`worker.engine.attention`); off: every row up to the longest row's."""
+
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """``genq-worker start`` serves Prometheus metrics on ``http://0.0.0.0:PORT/metrics``
     (``--metrics-port`` overrides it).  Unset: no metrics server.  Needs ``--concurrency 1``."""

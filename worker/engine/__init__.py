@@ -46,6 +46,7 @@ sampling       next-token choice and stop rules, finish reason, result text: pur
 rows           a row in flight, the rules that extend and end it, result building
 forward        the model call: padded inputs, decode masks, the cache keyword, devices
 slot_cache     :class:`SlotCache`: per-row slots, prefill and decode passes, per-layer devices
+attention      decode attention over each row's live span: runs of rows of similar length per call
 slots          continuous batching over the slot cache, prefix copies
 prefix         finding shared prefixes, keeping their keys and values
 padded         the plain left-padded loop for models the slot cache does not fit

@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from worker.engine.adapters import AdapterRouter
+from worker.engine.attention import slot_attention_on
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -80,6 +82,9 @@ class Forward:
         self.dtype = compute_dtype(model)
         self.router: AdapterRouter | None = None
         """Per-row adapters when the model has several unmerged ones (set by the engine)."""
+        self.live_span = True
+        """Decode passes over a slot cache attend each run of rows over its own span only
+        (:mod:`worker.engine.attention`; sdpa models); off: every row up to the longest row."""
 
     def __call__(
         self,
@@ -95,11 +100,15 @@ class Forward:
         output head.  ``mask`` is a 2-D padding mask, or a 4-D visibility (bool, True: attend)
         such as :class:`SlotCache` passes return, turned here into what the attention takes.
         ``adapters``: each row's adapter (models with several; ignored otherwise)."""
-        extra = {"logits_to_keep": 1} if last_only else {}
+        extra: dict[str, Any] = {"logits_to_keep": 1} if last_only else {}
         if mask.dim() == 4 and mask.dtype == torch.bool:
             mask = self.attend(mask)
         routed = self.router.rows(adapters) if self.router is not None else nullcontext()
-        with routed:
+        chunks = getattr(cache, "chunks", None) if self.live_span and self.attention == "sdpa" else None
+        if chunks is not None:
+            extra["slot_chunks"] = chunks
+        spans = slot_attention_on(self.model) if chunks is not None else nullcontext()
+        with routed, spans:
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),

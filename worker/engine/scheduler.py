@@ -74,6 +74,7 @@ class Engine:
         """Micro-batches of one adapter each, so every pass runs peft's plain unmerged forward
         (1.6–1.7× the tokens/s of mixing them on the tiny model: docs/OPERATIONS.md, "Several
         adapters on one base"); off: rows of any adapters decode together, each through its own."""
+        self.forward.live_span = self.settings.live_span_attention
         self.device = self.forward.device
         self.prompts = Prompts(
             self.tokenizer,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from worker.engine.attention import Chunk, live_chunks
 from worker.engine.prefix import PrefixKV
 
 
@@ -48,6 +49,9 @@ class SlotCache(Cache):
         self._write_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._copies: list[tuple[int, PrefixKV]] = []
         """Prefixes to copy into slots at each layer's update in this pass."""
+        self.chunks: list[Chunk] | None = None
+        """A decode pass's rows in runs of similar lengths, each attended over its own longest
+        row's keys only (:func:`worker.engine.attention.live_chunks`); None for a prefill pass."""
 
     @property
     def ready(self) -> bool:
@@ -81,6 +85,7 @@ class SlotCache(Cache):
         slots = torch.arange(lo, lo + n, dtype=torch.long)[:, None].expand(n, width).contiguous()
         self._begin(lo, lo + n, width, slots, torch.where(real, pos, self.capacity))
         self._copies = [(lo + r, p) for r, p in enumerate(prefixes or []) if p is not None]
+        self.chunks = None
         for r, (s, m) in enumerate(zip(starts, lengths, strict=True)):
             self.lengths[lo + r] = s + m
         keys = torch.arange(self._span, dtype=torch.long)
@@ -97,6 +102,7 @@ class SlotCache(Cache):
         self._copies = []
         for i in range(n):
             self.lengths[i] += 1
+        self.chunks = live_chunks(self.lengths[:n])
         visible = torch.arange(self._span, dtype=torch.long)[None, :] <= pos[:, None]
         return pos[:, None], visible[:, None, None, :]
 

@@ -45,6 +45,9 @@ class SlotDecoder:
         self.forward = forward
         self.rules = rules
         self.prefixes = prefixes if prefixes is not None else PrefixCache()
+        self.row_steps = 0
+        """Token positions computed for rows so far (one per row of each decode step, one per row
+        prefilled): what a benchmark divides the tokens kept by."""
 
     def run(
         self,
@@ -73,7 +76,9 @@ class SlotDecoder:
                 else:
                     refill = True
                     admit = [queue.popleft() for _ in range(min(free, len(queue)))]
-                    rows = [Row.start(p) for p in sorted(admit, key=lambda p: len(p.ids) - p.prefix)]
+                    # longest first: rows in flight are longer still, so the slots stay ordered by
+                    # length, which keeps decode attention's runs of similar rows long
+                    rows = [Row.start(p) for p in sorted(admit, key=lambda p: p.prefix - len(p.ids))]
                     first = self._prefill(rows, cache, len(active))
                     active += rows
                     tokens += first
@@ -84,6 +89,7 @@ class SlotDecoder:
             n = len(active)
             positions, visible = cache.begin_decode(n)
             step = torch.tensor(tokens, dtype=torch.long)[:, None]
+            self.row_steps += n
             logits = fwd(step, visible, positions, cache, adapters=[r.prep.adapter for r in active])
             tokens = self.rules.pick(logits, active)
             self._settle(active, tokens, cache, range(n), finished)
@@ -107,14 +113,14 @@ class SlotDecoder:
             tokens.pop()
 
     def _prefill(self, rows: list[Row], cache: SlotCache, first_slot: int) -> list[int]:
-        """Prefill ``rows`` (sorted by the length they prefill) in groups, into slots from
-        ``first_slot``; returns each row's first token."""
+        """Prefill ``rows`` (sorted by the length they prefill, longest first) in groups, into
+        slots from ``first_slot``; returns each row's first token."""
         picks: list[int] = []
         start = 0
         own = [len(r.prep.ids) - r.prep.prefix for r in rows]
         while start < len(rows):
             end = start + 1
-            while end < len(rows) and own[end] * (end + 1 - start) <= PREFILL_TOKENS:
+            while end < len(rows) and max(own[start], own[end]) * (end + 1 - start) <= PREFILL_TOKENS:
                 end += 1
             group = rows[start:end]
             prefixes = [self.prefix_kv(r.prep) for r in group]
@@ -128,6 +134,7 @@ class SlotDecoder:
             adapters = [r.prep.adapter for r in group]
             logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
             picks += self.rules.pick(logits, group)
+            self.row_steps += len(group)
             del logits
             start = end
         return picks
