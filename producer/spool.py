@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.core.errors import FollowConflict
-from worker.core.outputs import check_output_path
+from worker.core.outputs import check_output_path, replaced_together
 
 FAN_IN = 16
 """Segments merged at once (files open together while merging)."""
@@ -238,26 +238,13 @@ def render(
     targets = [output] + ([errors] if errors is not None else [])
     for target in targets:
         check_output_path(target)
-    tmps = [t.with_name(t.name + ".tmp") for t in targets]
     counts = [0, 0, 0]
-    try:
-        with contextlib.ExitStack() as stack:
-            fhs = [stack.enter_context(open(t, "w", encoding="utf-8", newline="\n")) for t in tmps]
-            for line in lines:
-                if line.kind == "n" and not include_unfinished:
-                    counts[2] += 1
-                    continue
-                which = 1 if errors is not None and line.kind != "o" else 0
-                fhs[which].write(line.row)
-                counts[which] += 1
-            for fh in fhs:
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, target in zip(tmps, targets, strict=True):
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp in tmps:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
+    with replaced_together(targets) as fhs:
+        for line in lines:
+            if line.kind == "n" and not include_unfinished:
+                counts[2] += 1
+                continue
+            which = 1 if errors is not None and line.kind != "o" else 0
+            fhs[which].write(line.row)
+            counts[which] += 1
     return counts[0], counts[1], counts[2]

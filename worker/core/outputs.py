@@ -27,9 +27,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TextIO
 
 from worker.core.choices import openai_choices
 from worker.core.errors import InputError, OutputPathError
@@ -113,6 +113,27 @@ ANTHROPIC_COUNTS: dict[object, CountField] = {
 }
 
 
+@contextlib.contextmanager
+def replaced_together(targets: Sequence[str | os.PathLike[str]]) -> Iterator[Sequence[TextIO]]:
+    """A temporary file beside each of ``targets`` (``<target>.tmp``), open for writing; when the
+    block ends they are flushed, fsynced and moved over their targets, all of them only once all
+    are complete.  On an error the temporary files are removed and the targets left as they were."""
+    tmps = [os.fspath(t) + ".tmp" for t in targets]
+    try:
+        with contextlib.ExitStack() as stack:
+            fhs = [stack.enter_context(open(t, "w", encoding="utf-8", newline="\n")) for t in tmps]
+            yield fhs
+            for fh in fhs:
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, target in zip(tmps, targets, strict=True):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in tmps:
+            _remove_quietly(tmp)
+        raise
+
+
 def write_results(
     pairs: Iterable[tuple[ItemResult, Item | None]],
     path: str | os.PathLike[str],
@@ -125,21 +146,12 @@ def write_results(
     An existing file is replaced only once the new one is complete; on error the temporary file
     is removed and the old file is left as it was.
     """
-    target = os.fspath(path)
-    tmp = target + ".tmp"
     created = int(time.time())
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for result, item in pairs:
-                fh.write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with replaced_together([path]) as (fh,):
+        for result, item in pairs:
+            fh.write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
+            count += 1
     return count
 
 
@@ -154,28 +166,13 @@ def write_split(
     """Like :func:`write_results`, with errored items in ``errors`` instead (OpenAI's output and
     error files); returns (rows in ``path``, rows in ``errors``).  Both files are replaced only
     once both are complete."""
-    targets = (os.fspath(path), os.fspath(errors))
-    tmps = tuple(t + ".tmp" for t in targets)
     created = int(time.time())
     counts = [0, 0]
-    try:
-        with (
-            open(tmps[0], "w", encoding="utf-8", newline="\n") as ok,
-            open(tmps[1], "w", encoding="utf-8", newline="\n") as bad,
-        ):
-            for result, item in pairs:
-                which = 0 if result.ok else 1
-                (ok, bad)[which].write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
-                counts[which] += 1
-            for fh in (ok, bad):
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, target in zip(tmps, targets, strict=True):
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp in tmps:
-            _remove_quietly(tmp)
-        raise
+    with replaced_together([path, errors]) as files:
+        for result, item in pairs:
+            which = 0 if result.ok else 1
+            files[which].write(dumps_row(result_row(result, item, fmt, model=model, created=created)))
+            counts[which] += 1
     return counts[0], counts[1]
 
 
