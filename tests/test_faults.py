@@ -41,6 +41,14 @@ FAST = {"GENQ_VISIBILITY_TIMEOUT": "5"}
 """Every worker here: a dead worker's chunk is back on its queue within about 1.25 × 5 s."""
 
 
+def waiting_task_ids(r: redis.Redis, job: str) -> list[str]:
+    """Task ids (without the incarnation) of the job's chunk messages waiting anywhere: its
+    backlog, the ``any`` queue and each mode's queue (a worker's dispatch moves chunks of ``any``
+    jobs to its own mode's queue; a handed-back chunk returns to the queue it came from)."""
+    lists = [f"genq:job:{job}:backlog", QUEUE_ANY, f"genq.{PROFILE}.fp32", f"genq.{PROFILE}.nf4"]
+    return [json.loads(m)["headers"]["id"].partition("@")[0] for key in lists for m in r.lrange(key, 0, -1)]
+
+
 # --- shared inputs and the clean reference --------------------------------------------------------
 
 
@@ -407,8 +415,7 @@ def test_sigterm_mid_chunk_hands_back_the_rest_and_nothing_is_half_written(
     assert r.hgetall(f"genq:job:{job}:running") == {}
     assert attempts(r, job).get(chunk) == 0
     assert r.hlen("unacked") == 0
-    queued = [json.loads(m)["headers"]["id"].partition("@")[0] for m in r.lrange(QUEUE_ANY, 0, -1)]
-    assert sorted(queued) == [f"{job}:c000000", f"{job}:c000001"]
+    assert sorted(waiting_task_ids(r, job)) == [f"{job}:c000000", f"{job}:c000001"]
     written = [json.loads(v) for v in r.hgetall(f"genq:job:{job}:results").values()]
     assert len(written) == 32
     assert all(w["status"] == "ok" and w["text"] == reference[w["id"]] for w in written)
@@ -417,7 +424,7 @@ def test_sigterm_mid_chunk_hands_back_the_rest_and_nothing_is_half_written(
         redis_server.url, "submit", str(prompts), "--profile", PROFILE, "--chunk-size", "64", "--job-id", job
     )
     assert "resumed 128 items in 0 chunks (96 pending)" in again.stderr
-    assert r.llen(QUEUE_ANY) == 2
+    assert len(waiting_task_ids(r, job)) == 2
 
     worker.extra_env = dict(FAST)
     worker.start()
