@@ -351,7 +351,8 @@ def test_retry_reruns_retryable_errors_and_keeps_the_first_finish(
     job = genq(
         server.url, "submit", str(write_prompts(tmp_path / "r.jsonl", 3)), "--profile", PROFILE
     ).stdout.strip()
-    server.client().delete(QUEUE)  # no worker here: the test plays its part
+    backlog = f"genq:job:{job}:backlog"  # an any job's chunks wait here until a worker dispatches
+    server.client().delete(QUEUE, backlog)  # no worker here: the test plays its part
     store = store_for(server.url)
     items = store.items(job, [0, 1, 2])
     ok = store.items(job, [2])[0]
@@ -367,7 +368,7 @@ def test_retry_reruns_retryable_errors_and_keeps_the_first_finish(
     assert first.final and first.first_finished_at is not None
     time.sleep(1.1)
     assert "re-enqueued 1 errored items" in genq(server.url, "retry", job).stderr
-    assert [message_indices(raw) for raw in server.client().lrange(QUEUE, 0, -1)] == [[0]]
+    assert [message_indices(raw) for raw in server.client().lrange(backlog, 0, -1)] == [[0]]
     again = store.state(job)
     assert again.status == "in_progress" and again.first_finished_at == first.first_finished_at
     assert again.tokens_per_second == pytest.approx(first.tokens_per_second)
