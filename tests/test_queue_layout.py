@@ -28,7 +28,9 @@ from worker.queue.routing import TASK_NAME, queue_name, task_id
 from worker.store import RedisStore
 
 JOB = "layoutjob"
-QUEUE = queue_name("tiny-random", "any")
+QUEUE = queue_name("tiny-random", "fp32")
+"""A job pinned to a mode: its messages reach its mode's queue at the publish's own dispatch (an
+``any`` job's wait in its backlog until a live worker of a mode dispatches them)."""
 
 
 class Broker:
@@ -40,7 +42,7 @@ class Broker:
         self.app = make_app(self.settings)
         self.store = RedisStore(settings=self.settings)
         self.r = server.client()
-        self.spec = JobSpec(job_id=JOB, profile="tiny-random", chunk_size=2, total=6)
+        self.spec = JobSpec(job_id=JOB, profile="tiny-random", chunk_size=2, total=6, mode="fp32")
         self.r.hset(f"genq:job:{JOB}", mapping={"status": "in_progress", "spec": self.spec.model_dump_json()})
 
     def publish(self, n: int) -> list[ChunkRef]:
