@@ -142,6 +142,18 @@ def test_one_dialect_per_file(
     assert info.value.line == 3 and words in info.value.detail and "decided by line 1" in info.value.detail
 
 
+def test_a_bad_native_line_with_a_stray_params_does_not_make_the_file_anthropic(tmp_path: Path) -> None:
+    """A native line names its item by ``id``; a stray ``params`` on it (no prompt) is that line's
+    error under --skip-invalid, and the next native line is read as native (found by the
+    lifecycle model's long walk: the whole file became an Anthropic one)."""
+    read = read_items(
+        write(tmp_path, [{"id": "x0", "params": {"max_new_tokens": 2}}, {"id": "x1", "prompt": "hi"}]),
+        skip_invalid=True,
+    )
+    assert read.format == "native"
+    assert [it.invalid is None for it in read.items] == [False, True]
+
+
 STRICT_LOOSE = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}}
 NESTED = {
     "type": "object",

@@ -1027,6 +1027,19 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("submit", {"job": "a", "variant": "new", "opts": _opts(n=4), "interrupt": ("input", 2, "delete")}),
         ("work", {"rounds": 4}),
     ],
+    # found by the 100,000-step walk: an invalid first line with a stray "params" field made the
+    # whole file an Anthropic one, so every valid line after it was refused as a mix of formats
+    "invalid_first_line_decided_the_dialect": [
+        (
+            "submit",
+            {
+                "job": "a",
+                "variant": "new",
+                "opts": _opts(n=2, invalid=0, skip_invalid=True),
+                "interrupt": None,
+            },
+        ),
+    ],
     # the partial job's keys lapse while its submit stores inputs
     "lapse_during_the_submit": [
         ("submit", {"job": "a", "variant": "new", "opts": _opts(n=4), "interrupt": ("input", 2, "lapse")}),

@@ -267,7 +267,10 @@ class _Collector:
 
 
 def _sniff(record: Mapping[Any, Any]) -> InputFormat | None:
-    if "params" in record:
+    """The dialect a line is written in (None: it cannot tell).  A native line names its item by
+    ``id``, an Anthropic request never does: a native line with a stray ``params`` is a bad native
+    line, not an Anthropic file (which would make every other line a mix of formats)."""
+    if "params" in record and "id" not in record:
         return "anthropic"
     if not OPENAI_KEYS.isdisjoint(record):
         url = record.get("url")
