@@ -34,6 +34,7 @@ from worker.core.identity import JobDigest, job_context
 from worker.core.lifecycle import Event, refusal
 from worker.core.schema import Item, JobSpec, error_result
 from worker.core.states import JobStatus
+from worker.queue.messages import job_queues
 from worker.queue.routing import chunk_task_id
 from worker.store import RedisStore
 from worker.store.keys import PAGE
@@ -88,7 +89,7 @@ class Submitter:
             # a new incarnation unless the job exists (begin then says which one it is)
             fresh = {"incarnation": new_incarnation(), "skip_invalid": self.options.skip_invalid}
             spec = spec.model_copy(update=fresh)
-            status, inc = self.store.begin(spec)
+            status, inc = self.store.begin(spec, queues=job_queues(spec))
             created = inc == spec.incarnation
             if not created:
                 stored = self.store.spec(job_id)

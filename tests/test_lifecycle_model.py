@@ -18,7 +18,11 @@ what Redis holds:
   unacknowledged) can run, and no job stays ``cancelling`` with nothing running;
 * an accepted submit made the job it was asked for (the stored spec has its mode, priority,
   chunk size and parameters), a final job stays final (``genq retry`` may reopen a completed
-  one only), and a message is in one place at a time.
+  one only), and a message is in one place at a time;
+* a job's messages wait only where a worker that may run them takes them (a pinned job's on its
+  mode's queue, an ``any`` job's on a queue of its level), and a ring holds a job only under its
+  current incarnation, in its own queue's ring (an entry of an older incarnation is dropped by the
+  dispatch that meets it, as a message of one is by the worker that takes it).
 
 The events: submits (whole, interrupted at a random page of inputs or chunk of the publish,
 resumed, with changed options, ids reused after delete), cancel, retry, delete, prune, expiry
@@ -60,10 +64,12 @@ from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult,
 from worker.core.settings import Settings
 from worker.core.states import ErrorCode, FinishReason, ItemStatus, JobStatus, Mode, Priority, QueueMode
 from worker.queue import task as worker_task
+from worker.queue.messages import job_queues
 from worker.queue.routing import queue_name, worker_queues
 from worker.queue.task import serve
 from worker.runtime import Runtime
 from worker.store import RedisStore
+from worker.store.dispatch import ring_entry
 from worker.store.keys import all_job_keys, backlog_key, job_key, job_keys, ring_key
 
 PROFILE = "tiny-random"
@@ -219,7 +225,8 @@ class Snapshot:
     """What Redis holds for the invariants, read in one pipelined round trip."""
 
     messages: list[Message]
-    rings: dict[str, list[str]]
+    rings: dict[str, list[tuple[str, str]]]
+    """Per queue: the ``(job, incarnation)`` of each entry of its ring."""
     jobs: dict[str, dict[str, str]]
     results: dict[str, dict[str, str]]
     ttls: dict[str, dict[str, int]]
@@ -249,7 +256,7 @@ def snapshot(r: Any) -> Snapshot:
     for queue in QUEUES:
         messages += [_decode(json.loads(raw), queue) for raw in next(replies)]
     messages += [_decode(json.loads(raw)[0], UNACKED) for raw in next(replies)]
-    rings = {queue: list(next(replies)) for queue in QUEUES}
+    rings = {queue: [ring_entry(e) for e in next(replies)] for queue in QUEUES}
     jobs, results, ttls, running = {}, {}, {}, {}
     for job in JOBS:
         jobs[job], results[job], running[job] = next(replies), next(replies), int(next(replies))
@@ -825,7 +832,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             no_ttl = sorted(k for k, ttl in ttls.items() if ttl < 0)
             expect("ttl", not no_ttl, f"{job} is {status} but these keys never expire: {no_ttl}")
         queue = queue_name(spec.profile, spec.mode, spec.priority)
+        # a ring entry of an older incarnation is dropped by the dispatch that meets it
+        this = (job, spec.incarnation)
         live = [x for x in messages if x.task_id not in self.orphans]
+        # a pinned job's messages wait on its mode's queue; an any job's on a queue of its level
+        runs_on = set(job_queues(spec)) if spec.mode == QueueMode.ANY else {queue}
+        astray = [(x.task_id, x.where) for x in messages if x.where in QUEUES and x.where not in runs_on]
+        expect("wrong-queue", not astray, f"{job} ({queue}) has messages on other queues: {astray}")
         if status.final:
             expect(
                 "final-pending",
@@ -837,14 +850,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                 not live,
                 f"{job} is {status} but has messages: {[(x.task_id, x.where) for x in live]}",
             )
-            held = [q for q, jobs in snap.rings.items() if job in jobs]
+            held = [q for q, entries in snap.rings.items() if this in entries]
             expect("final-ring", not held, f"{job} is {status} but is in the ring of {held}")
         else:
-            elsewhere = [q for q, jobs in snap.rings.items() if job in jobs and q != queue]
+            elsewhere = [q for q, entries in snap.rings.items() if this in entries and q != queue]
             expect("other-ring", not elsewhere, f"{job} ({queue}) is in the ring of {elsewhere}")
         self._check_results(job, m, total, snap.results[job])
         if status in (JobStatus.QUEUED, JobStatus.IN_PROGRESS) and pending:
-            in_ring = any(job in jobs for jobs in snap.rings.values())
+            in_ring = any(this in entries for entries in snap.rings.values())
             self._check_runnable(job, total, set(map(int, snap.results[job])), messages, in_ring)
         if status == JobStatus.CANCELLING:
             expect("cancelling", snap.running[job], f"{job} stays cancelling with nothing running")
@@ -1039,6 +1052,39 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                 "interrupt": None,
             },
         ),
+    ],
+    # found by the 100,000-step walk (here without the steps before the id was reused): a job
+    # completed by a chunk whose item a retry round had reopened kept that round's message on a
+    # mode's queue (a worker would take it only to drop it)
+    "completed_job_keeps_a_retry_rounds_message": [
+        (
+            "submit",
+            {
+                "job": "a",
+                "variant": "new",
+                "opts": _opts(n=4, chunk=3, invalid=0, skip_invalid=True),
+                "interrupt": ("input", 5, "stop"),
+            },
+        ),
+        ("retry", {"job": "a", "all_errors": True}),
+        ("work", {"rounds": 1}),
+    ],
+    # a partial job's keys lapsed while its backlog waited in the fp32 ring; its id submitted
+    # again pinned to nf4 was in both rings, and an fp32 worker's dispatch put its chunks on the
+    # fp32 queue
+    "lapsed_job_left_in_the_old_modes_ring": [
+        (
+            "submit",
+            {
+                "job": "a",
+                "variant": "new",
+                "opts": _opts(n=5, mode="fp32"),
+                "interrupt": ("publish", 4, "stop"),
+            },
+        ),
+        ("lapse", {"job": "a"}),
+        ("submit", {"job": "a", "variant": "new", "opts": _opts(n=3, mode="nf4"), "interrupt": None}),
+        ("deliver", {"mode": "fp32", "die_after": None}),
     ],
     # the partial job's keys lapse while its submit stores inputs
     "lapse_during_the_submit": [

@@ -41,7 +41,7 @@ from worker.core.lifecycle import ABSENT, STATES, TABLE, Event, Move, Refuse
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, ItemResult, Usage, error_result
 from worker.core.states import ChunkOutcome, CountField, JobStatus
 from worker.store import RedisStore
-from worker.store.keys import JOBS_INDEX, backlog_key, job_key, ring_key
+from worker.store.keys import JOBS_INDEX, all_job_keys, backlog_key, job_key, ring_key
 
 PROFILE = "tiny-random"
 QUEUE = f"genq.{PROFILE}.any"
@@ -89,9 +89,12 @@ HASH_FIELDS = {
     "take",
     "renew",
     "release",
+    "route",
+    "table",
+    "string",
 }
 """Lower-case words the scripts may quote besides statuses: the job hash's fields, the guard's
-``absent``, release.lua's two operations and follow_lease.lua's three."""
+``absent``, release.lua's two operations, follow_lease.lua's three and Lua's type names."""
 
 
 def lua_literals() -> dict[str, set[str]]:
@@ -230,7 +233,7 @@ def test_cancel_or_expiry_during_a_submit_ends_the_job_and_refuses_the_submit(
     assert state.status == word  # never "completed" with total 0
     assert (state.counts.total, getattr(state.counts, word), state.counts.pending) == (1000, 1000, 0)
     assert r.hlen(job_key("c1", "inputs")) == 1000  # nothing of the second page was stored
-    assert message_refs(r, "c1") == [] and "c1" not in r.lrange(ring_key(QUEUE), 0, -1)
+    assert message_refs(r, "c1") == [] and "c1" not in client.store.ring(QUEUE)
     assert all(r.ttl(k) > 0 for k in job_keys(r, "c1"))  # an ended job expires after retention
 
 
@@ -584,3 +587,59 @@ def test_a_backup_or_a_time_box_of_a_cancelled_job_records_no_chunk(
         store.add_chunks("b1", {"c000000.b": [1, 2]}, inc=inc, event=event)
     assert "job b1 is cancelled" in one_line(refused.value) and said in str(refused.value)
     assert not r.hexists(job_key("b1", "chunks"), "c000000.b")
+
+
+# --- a job's messages leave the queues in the step that ends it ---------------------------------------
+
+FP32, NF4 = f"genq.{PROFILE}.fp32", f"genq.{PROFILE}.nf4"
+
+
+def test_the_step_that_completes_a_job_takes_its_waiting_messages_off_the_queues(
+    server: RedisServer, client: Client
+) -> None:
+    """A job completed by chunks that ran its items (a redelivery, a backup) while other messages
+    of it still wait: the record that completes it withdraws them in the same step (a retry may
+    reopen the job right after it, and its round's messages must then stay)."""
+    r = server.client()
+    store = RedisStore(server.url)
+    store.register_consumer("w-fp32", [FP32], ttl=60)  # an fp32 worker: any jobs' chunks reach its queue
+    client.submit(records(4), profile=PROFILE, job_id="m1", chunk_size=1)
+    assert len(message_refs(r, "m1", FP32)) == 4 and r.llen(FP32) == 2  # 2 queued, 2 in the backlog
+    assert store.ring(QUEUE) == ["m1"]
+    inc = store.spec("m1").incarnation
+    lost = ErrorInfo(type="worker_lost", message="lost")
+    done = [error_result(store.items("m1", [0])[0], lost), *ok_results(store, "m1", 4)[1:]]
+    store.record("m1", done, "w-fp32", inc=inc)
+    assert client.job("m1").status().status == "completed"
+    assert message_refs(r, "m1", FP32) == [] and r.llen(FP32) == 0 and not r.exists(backlog_key("m1"))
+    assert store.ring(QUEUE) == []
+    # a retry reopens it: its round's message waits, and the next completion withdraws it
+    assert client.job("m1").retry() == 1
+    assert [ref.indices for ref in message_refs(r, "m1", FP32)] == [[0]]
+    store.record("m1", ok_results(store, "m1", 1), "w-fp32", inc=inc)
+    assert client.job("m1").status().status == "completed" and message_refs(r, "m1", FP32) == []
+
+
+def test_a_ring_entry_of_a_lapsed_incarnation_never_serves_its_id_submitted_again(
+    server: RedisServer, client: Client
+) -> None:
+    """Job m2 pinned to fp32 waits in the fp32 ring; its keys lapse (a partial job's TTL) and the id
+    is submitted again pinned to nf4.  The fp32 ring's entry names the old incarnation: an fp32
+    dispatch drops it and moves nothing of the new job, and a publish of the old incarnation
+    (its submit still running) puts no entry back."""
+    r = server.client()
+    store = RedisStore(server.url)
+    client.submit(records(5), profile=PROFILE, job_id="m2", chunk_size=1, mode="fp32")
+    old = store.spec("m2").incarnation
+    assert store.ring_entries(FP32) == [("m2", old)] and r.llen(FP32) == 2
+    r.delete(*all_job_keys("m2"))  # the lapse: every key of the job goes
+    client.submit(records(3), profile=PROFILE, job_id="m2", chunk_size=1, mode="nf4")
+    new = store.spec("m2").incarnation
+    assert store.ring_entries(NF4) == [("m2", new)] and r.llen(NF4) == 2  # and 1 in the backlog
+    with pytest.raises(JobNotFound):  # the old submit publishing on: refused, no entry added
+        store.enqueue("m2", FP32, [[r.lindex(FP32, 0)]], inc=old)
+    assert store.ring_entries(FP32) == [("m2", old)]
+    r.delete(FP32)  # the fp32 worker takes the old incarnation's two messages (and drops them)
+    store.dispatch([FP32])
+    assert r.llen(FP32) == 0 and store.ring_entries(FP32) == []  # nothing of the nf4 job on fp32
+    assert store.backlog_length("m2") == 1 and r.llen(NF4) == 2

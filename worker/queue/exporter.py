@@ -41,6 +41,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.core.logs import get_logger
+from worker.store.dispatch import ring_entry
 from worker.store.keys import JOBS_INDEX, backlog_key, job_key, ring_key
 from worker.store.memory import redis_memory
 
@@ -113,8 +114,8 @@ def queue_backlogs(r: Any) -> dict[str, int]:
     members = pipe.execute() if rings else []
     pipe = r.pipeline(transaction=False)
     for jobs in members:
-        for job_id in jobs:
-            pipe.llen(backlog_key(str(job_id)))
+        for entry in jobs:
+            pipe.llen(backlog_key(ring_entry(str(entry))[0]))
     lengths = iter(pipe.execute() if any(members) else [])
     prefix = len(ring_key(""))
     return {

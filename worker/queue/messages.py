@@ -109,5 +109,5 @@ def withdraw(store: Dispatcher, spec: JobSpec) -> int:
     and its messages waiting on the broker queues; returns how many of those were removed.
     Messages a worker holds are left to it: it finds the job ended or gone and drops them."""
     queues = job_queues(spec)
-    store.forget_backlog(spec.job_id, queues)
+    store.forget_backlog(spec.job_id, queues, inc=spec.incarnation)
     return drain(store.r, queues, spec.job_id)

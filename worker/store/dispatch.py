@@ -24,6 +24,15 @@ from worker.core.lifecycle import Event, allowed_arg
 from worker.store.base import StoreBase, refused
 from worker.store.keys import JOB_PREFIX, backlog_key, consumers_key, job_key, ring_key, turn_key
 
+
+def ring_entry(raw: str) -> tuple[str, str]:
+    """A ring entry ``<job>@<inc>`` as ``(job id, incarnation)`` (as ``dispatch.lua`` reads it)."""
+    job, sep, inc = raw.rpartition("@")
+    if not sep or not all(c in "0123456789abcdefABCDEF" for c in inc):
+        return raw, ""
+    return job, inc
+
+
 Target = str | tuple[str, str]
 """A broker queue to top up from its own ring of jobs, or ``(queue, shared)``: from its own ring
 and, taking turns job by job, from the ring of queue ``shared`` (the ``any`` queue of its priority
@@ -38,8 +47,8 @@ class Dispatcher(StoreBase):
             keys += [queue, ring_key(queue), consumers_key(queue), ring_key(shared), turn_key(queue)]
         return keys
 
-    def _dispatch_args(self, ring: str = "", add: Sequence[str] = ()) -> list[str | int | float]:
-        return [self.settings.queue_depth, time.time(), JOB_PREFIX, ring, *add]
+    def _dispatch_args(self) -> list[str | int | float]:
+        return [self.settings.queue_depth, time.time(), JOB_PREFIX]
 
     def dispatch(self, targets: Sequence[Target]) -> int:
         """Top up each broker queue of ``targets`` from its jobs' backlogs, round robin; returns
@@ -57,22 +66,20 @@ class Dispatcher(StoreBase):
         inc: str = "",
         targets: Sequence[Target] | None = None,
     ) -> int:
-        """Append messages to the job's backlog, a pipelined batch at a time, each batch followed
-        by putting the job in ``queue``'s ring and a dispatch to ``targets`` (default: ``queue``
-        alone); returns how many were appended.  A
-        partial job's backlog lives as long as the job (like its other keys).  Refused (the state
-        table's error) when the job may not publish: ending, ended, gone, another incarnation."""
-        keys = [job_key(job_id), backlog_key(job_id)]
+        """Append messages to the job's backlog, a pipelined batch at a time, each batch putting
+        the job in ``queue``'s ring in the same step (an entry naming its incarnation, added only
+        while the job is that incarnation) and followed by a dispatch to ``targets`` (default:
+        ``queue`` alone); returns how many were appended.  A partial job's backlog lives as long
+        as the job (like its other keys).  Refused (the state table's error) when the job may not
+        publish: ending, ended, gone, another incarnation."""
+        keys = [job_key(job_id), backlog_key(job_id), ring_key(queue)]
         count = 0
         for batch in batches:
             pipe = self.r.pipeline(transaction=False)
-            self.scripts["append"](keys=keys, args=[inc, allowed_arg(Event.PUBLISH), *batch], client=pipe)
-            # after the RPUSH, in the same pipeline: a dispatch that finds the backlog empty and
-            # drops the job from the ring ran before it, and this puts the job back
+            args = [inc, allowed_arg(Event.PUBLISH), job_id, *batch]
+            self.scripts["append"](keys=keys, args=args, client=pipe)
             self.scripts["dispatch"](
-                keys=self._dispatch_keys(targets or [queue]),
-                args=self._dispatch_args(ring_key(queue), [job_id]),
-                client=pipe,
+                keys=self._dispatch_keys(targets or [queue]), args=self._dispatch_args(), client=pipe
             )
             try:
                 self._call(pipe.execute)
@@ -93,16 +100,22 @@ class Dispatcher(StoreBase):
         return int(self._call(self.r.llen, backlog_key(job_id)))
 
     def ring(self, queue: str) -> list[str]:
-        """The jobs with chunks waiting for ``queue``, the next one served last in the list."""
-        return list(self._call(self.r.lrange, ring_key(queue), 0, -1))
+        """The jobs with chunks waiting for ``queue``, the next one served last in the list (by
+        id: :meth:`ring_entries` says which incarnation each entry serves)."""
+        return [job for job, _ in self.ring_entries(queue)]
 
-    def forget_backlog(self, job_id: str, queues: Sequence[str] = ()) -> None:
-        """Drop the job's unpublished messages and its place in the rings of ``queues`` (cancel,
-        expiry, delete); a dispatch drops a ring entry it finds ended anyway."""
+    def ring_entries(self, queue: str) -> list[tuple[str, str]]:
+        """``(job id, incarnation)`` of each entry of ``queue``'s ring."""
+        return [ring_entry(raw) for raw in self._call(self.r.lrange, ring_key(queue), 0, -1)]
+
+    def forget_backlog(self, job_id: str, queues: Sequence[str] = (), *, inc: str = "") -> None:
+        """Drop the job's unpublished messages and its place (incarnation ``inc``) in the rings
+        of ``queues`` (cancel, expiry, delete); a dispatch drops a ring entry it finds ended,
+        gone or of another incarnation anyway."""
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(backlog_key(job_id))
         for queue in queues:
-            pipe.lrem(ring_key(queue), 0, job_id)
+            pipe.lrem(ring_key(queue), 0, f"{job_id}@{inc}")
         self._call(pipe.execute)
 
     # --- who consumes a queue: the depth to keep ------------------------------------------------

@@ -5,7 +5,9 @@ All keys live under ``genq:``.  A job's keys:
 =============================  ============================================================
 ``job:<id>``                   hash: ``spec`` (JSON), ``status``, ``inc`` (the incarnation),
                                counters, token totals, times, ``expires_at`` (the deadline),
-                               ``ending`` (why a ``cancelling`` job ends), submit progress
+                               ``ending`` (why a ``cancelling`` job ends), submit progress,
+                               ``route`` (JSON: the broker queues and rings its messages may
+                               wait in, taken out of in the step that ends or completes it)
 ``job:<id>:inputs``            hash: item index → Item JSON (stored once, at submit)
 ``job:<id>:results``           hash: item index → ItemResult JSON (first write wins)
 ``job:<id>:chunks``            hash: chunk id → JSON index list, for chunks that are not a plain
@@ -29,9 +31,10 @@ Others: ``jobs`` (sorted set: job id by creation time, the job index), ``worker:
 (heartbeat JSON with a TTL), ``workers`` (sorted set: worker name by last heartbeat) and
 ``throughput`` (hash: worker class → measured tokens/s, for `genq estimate`), and per broker
 queue ``<queue>`` (the Celery queue name): ``ring:<queue>`` (list: the jobs with a backlog for
-that queue, served round robin), ``ring:<queue>:turn`` (counter: whose turn it is between the
-queue's ring and its level's ``any`` ring) and ``consumers:<queue>`` (sorted set: worker name by the time its
-heartbeat expires; how many workers consume the queue).
+that queue, served round robin, each as ``<job>@<incarnation>``), ``ring:<queue>:turn``
+(counter: whose turn it is between the queue's ring and its level's ``any`` ring) and
+``consumers:<queue>`` (sorted set: worker name by the time its heartbeat expires; how many
+workers consume the queue).
 
 Plain chunks are ranges: chunk ``c<n>`` holds items ``n × chunk_size`` up to the next chunk, so
 a million-item job stores no chunk records at all (:func:`worker.chunks.chunk_range`).

@@ -9,6 +9,7 @@ the submit runs, so a second submit of the same job waits for the first, then re
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import threading
 import time
@@ -19,7 +20,7 @@ from worker.core.lifecycle import Event
 from worker.core.schema import JobSpec
 from worker.core.states import JobStatus
 from worker.store.jobs import COUNT_FIELDS, JobStore
-from worker.store.keys import JOBS_INDEX, SUBMITTER, job_key, job_keys
+from worker.store.keys import JOBS_INDEX, SUBMITTER, job_key, job_keys, ring_key
 
 
 def new_incarnation() -> str:
@@ -79,11 +80,13 @@ class SubmitStore(JobStore):
     def submit_lock(self, job_id: str, on_wait: Callable[[], None] | None = None) -> SubmitLock:
         return SubmitLock(self, job_id, on_wait)
 
-    def begin(self, spec: JobSpec) -> tuple[JobStatus, str]:
+    def begin(self, spec: JobSpec, *, queues: Sequence[str] = ()) -> tuple[JobStatus, str]:
         """Create the job as ``submitting``, a new incarnation (``spec.incarnation``, or a fresh
         one): it is listed at once, and every key expires after ``GENQ_SUBMIT_TTL`` unless the
         submit finishes.  When the job exists nothing changes.  Returns ``(status, incarnation)``
-        of the job now stored: ``spec``'s own when this call created it."""
+        of the job now stored: ``spec``'s own when this call created it.  ``queues``: every broker
+        queue a message of the job may wait on, kept as the job's ``route``: the step that ends
+        or completes the job takes its messages off them and its entries out of their rings."""
         inc = spec.incarnation or new_incarnation()
         spec = spec.model_copy(update={"incarnation": inc})
         fields: dict[str, str | int | float] = {
@@ -98,6 +101,9 @@ class SubmitStore(JobStore):
         }
         if spec.expires_at is not None:
             fields["expires_at"] = spec.expires_at
+        if queues:
+            route = {"id": spec.job_id, "queues": list(queues), "rings": [ring_key(q) for q in queues]}
+            fields["route"] = json.dumps(route)
         keys = [job_key(spec.job_id), JOBS_INDEX, *job_keys(spec.job_id)[1:]]
         args: list[str | int | float] = [inc, spec.job_id, spec.created_at, self.settings.submit_ttl]
         for name, value in fields.items():

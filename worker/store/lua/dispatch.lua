@@ -3,8 +3,10 @@
 -- KEYS: per broker queue to top up, five keys: the queue's list (what kombu BRPOPs), its ring of
 --       jobs, its consumers (sorted set: worker -> heartbeat expiry), a shared ring (the ring of
 --       the any queue of its priority level; its own ring again when none) and its turn counter
--- ARGV: the fewest messages to keep waiting, now, the job key prefix ('genq:job:'), a ring to put
---       jobs in ('' for none), then those job ids (a publish: their backlogs just grew)
+-- ARGV: the fewest messages to keep waiting, now, the job key prefix ('genq:job:')
+-- A ring's entries are '<job>@<inc>' (append.lua puts them there): an entry of another
+-- incarnation than the job's (its id deleted or lapsed and submitted again, perhaps with another
+-- mode or priority) is dropped and nothing of the job is touched.
 -- A queue with a shared ring takes turns between the jobs of both rings: over as many draws as
 -- the two rings hold jobs, each job's turn comes once (the counter says whose), so a job pinned to
 -- a mode and an any job of one priority share a worker chunk by chunk.  It draws from the
@@ -15,13 +17,7 @@
 -- backlog (its items are counted as cancelled/expired by settle.lua, as for queued ones).  Job keys
 -- are built here from the prefix (not declared in KEYS): a single Redis, never a cluster.
 -- Returns how many messages were moved.
-local min_depth, now, prefix, add = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-if add ~= '' then
-  for i = 5, #ARGV do
-    -- a new job goes to the ring's right end: it is served next
-    if not redis.call('LPOS', add, ARGV[i]) then redis.call('RPUSH', add, ARGV[i]) end
-  end
-end
+local min_depth, now, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local moved = 0
 local targets = {}
 for q = 1, #KEYS, 5 do
@@ -45,12 +41,17 @@ while busy do
       busy = true
       local ring = t.own
       if lo == 0 or (ls > 0 and redis.call('INCR', t.turn) % (lo + ls) >= lo) then ring = t.shared end
-      local job = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+      local entry = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+      local job, inc = string.match(entry, '^(.*)@(%x*)$')
+      if not job then job, inc = entry, '' end
       local backlog = prefix .. job .. ':backlog'
-      local status = redis.call('HGET', prefix .. job, 'status')
-      if not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
+      local s = redis.call('HMGET', prefix .. job, 'status', 'inc')
+      local status = s[1]
+      if status and inc ~= '' and s[2] and s[2] ~= inc then
+        redis.call('LREM', ring, 0, entry)  -- another incarnation's: the job now stored is not it
+      elseif not status or status == 'cancelling' or status == 'cancelled' or status == 'expired'
           or status == 'completed' then
-        redis.call('LREM', ring, 0, job)
+        redis.call('LREM', ring, 0, entry)
         redis.call('DEL', backlog)
       else
         local msg = redis.call('LMOVE', backlog, t.queue, 'LEFT', 'LEFT')
@@ -58,7 +59,7 @@ while busy do
           t.n = t.n + 1
           moved = moved + 1
         end
-        if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, job) end
+        if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, 0, entry) end
       end
     end
   end

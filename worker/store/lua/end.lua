@@ -1,5 +1,6 @@
 -- Cancel or expire: a live job becomes 'cancelling' (settle.lua ends it once no chunk runs) and
--- its backlog is dropped.  A job cancelled during its submit keeps the items stored so far.
+-- its backlog, its ring entries and its messages waiting on the queues are dropped (withdraw).
+-- A job cancelled during its submit keeps the items stored so far.
 -- KEYS: job, backlog; ARGV: inc, allowed statuses, ending ('cancelled' | 'expired'), now,
 --       '1' to end only when the job's deadline (expires_at) has passed
 -- Returns 1 when the job started ending now, 0 when it was not live or not due.
@@ -16,4 +17,5 @@ if status == 'submitting' and (tonumber(redis.call('HGET', job, 'total') or '0')
 end
 redis.call('HSET', job, 'status', 'cancelling', 'ending', ARGV[3], 'updated_at', ARGV[4])
 redis.call('DEL', KEYS[2])
+withdraw(job)  -- its backlog, ring entries and queued messages, in the step that ends it
 return 1

@@ -13,6 +13,7 @@ if (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0) >= (tonumber(c[1]) or 0) then
   redis.call('HSET', job, 'status', 'completed', 'finished_at', now, 'updated_at', now)
   redis.call('HSETNX', job, 'first_finished_at', now)
   for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+  withdraw(job)
   redis.call('PUBLISH', job .. ':events', 'completed')
   return 'completed'
 end

@@ -1,4 +1,5 @@
--- Record results, first write wins; move the counters; finish the job when every item is done.
+-- Record results, first write wins; move the counters; finish the job when every item is done
+-- (and take its remaining messages out of the queues: guard.lua's withdraw).
 -- KEYS: job, results, workers, then every key of the job (EXPIRE'd when the job finishes)
 -- ARGV: inc, allowed statuses, now, retention ttl, worker, n, then n x (index, result json,
 --       counter, prompt tokens, completion tokens); the counter is computed in Python
@@ -47,6 +48,7 @@ if done >= (tonumber(c[1]) or 0) and status ~= 'submitting' then
   redis.call('HSET', job, 'status', 'completed', 'finished_at', now)
   redis.call('HSETNX', job, 'first_finished_at', now)
   for k = 4, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+  withdraw(job)  -- in this step: a retry may reopen the job right after it
   redis.call('PUBLISH', job .. ':events', 'completed')
 end
 return written

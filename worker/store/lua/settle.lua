@@ -25,5 +25,6 @@ end
 redis.call('HSET', job, 'status', final, 'finished_at', now, 'updated_at', now)
 redis.call('HSETNX', job, 'first_finished_at', now)
 for k = 3, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+withdraw(job)
 redis.call('PUBLISH', job .. ':events', final)
 return 1
