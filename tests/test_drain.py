@@ -117,7 +117,7 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     assert [row["id"] for row in got] == [f"q{i:08d}" for i in range(n)]
     assert out.read_bytes() == plain.read_bytes()
     assert not spool_folder(out).exists()
-    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hkeys(f"genq:job:{job}:inputs") == ["0"]
+    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hkeys(f"genq:job:{job}:inputs") == ["b0"]
     assert r.ttl(f"genq:job:{job}:drained") > 0  # kept as long as the finished job
     state, twin_state = (json.loads(genq(url, "status", j, "--json").stdout) for j in (job, twin))
     assert state["counts"] == twin_state["counts"] and state["counts"]["succeeded"] == n
@@ -173,7 +173,9 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
     # drained errors stay in Redis for a retry, out of the results hash a follower scans
     assert r.hlen(f"genq:job:{job}:results") == 0
     assert sorted(map(int, r.hkeys(f"genq:job:{job}:drained_errors"))) == sorted(bad)
-    assert r.hlen(f"genq:job:{job}:inputs") == len(bad) + 1  # and item 0
+    # their inputs are kept apart: every block of inputs but the first left Redis with its items
+    assert sorted(map(int, r.hkeys(f"genq:job:{job}:kept_inputs"))) == sorted(bad)
+    assert r.hkeys(f"genq:job:{job}:inputs") == ["b0"]
 
     retried = genq(url, "retry", job)
     assert f"re-enqueued {len(bad)}" in retried.stderr
