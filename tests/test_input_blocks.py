@@ -95,3 +95,23 @@ def test_drained_blocks_leave_redis_and_an_errors_input_stays(
     assert r.hkeys(job_key(job.id, "kept_inputs")) == [str(bad)]
     assert [it.index for it in store.items(job.id, [bad])] == [bad]
     assert store.items(job.id, [bad + 1]) == []  # drained: nothing left to do for it
+
+
+def test_a_job_stored_by_an_older_genq_is_still_served(redis_server: RedisServer) -> None:
+    """A job whose inputs an older genq stored one field per item: a new worker still reads
+    them, and a drain still frees them (item 0's stays)."""
+    from worker.core.schema import Item, JobSpec
+
+    store = RedisStore(redis_server.url)
+    made = [Item(index=i, id=f"old{i}", prompt=f"p{i}") for i in range(4)]
+    spec = JobSpec(job_id="old", profile="tiny-random", chunk_size=2, total=4)
+    store.begin(spec.model_copy(update={"total": 0}))
+    r = redis_server.client()
+    r.hset(job_key("old", "inputs"), mapping={str(it.index): it.model_dump_json() for it in made})
+    store.complete_inputs(spec)
+    store.finish_submit("old")
+    assert store.items("old", [3, 1]) == [made[3], made[1]]
+    feed(redis_server.url, "old", 4, rate=float("inf"))
+    results = r.hgetall(job_key("old", "results"))
+    store.confirm_drained("old", [(int(i), result_digest(raw), False) for i, raw in results.items()])
+    assert r.hkeys(job_key("old", "inputs")) == ["0"]

@@ -28,19 +28,14 @@ class ResultStore(StoreBase):
             gone = self.drained(job_id, missing)
             missing = [i for i in missing if i not in gone]
         if missing:
-            older = self._call(self.r.hexists, job_key(job_id, "inputs"), str(missing[0]))
-            if older:  # one field per item: a job an older genq submitted
-                raise JobNotFound(
-                    f"job {job_id} was submitted by an older genq (one input per field): finish it "
-                    "with workers of that version, or submit it again"
-                )
             raise JobNotFound(f"job {job_id}: inputs {missing[:5]} are missing (expired or deleted)")
         return [Item.model_validate_json(stored[i]) for i in indices if i in stored]
 
     def stored_inputs(self, job_id: str, indices: Sequence[int]) -> dict[int, str]:
         """The stored Item JSON of each of ``indices`` that Redis still holds: from its block
         (:mod:`worker.store.blocks`), else, for an error drained to a collector's output whose
-        block is gone, from ``kept_inputs``."""
+        block is gone, from ``kept_inputs``, else from a field of its own (a job an older genq
+        stored, one field per item: new workers still serve it)."""
         wanted = set(indices)
         if not wanted:
             return {}
@@ -56,10 +51,15 @@ class ResultStore(StoreBase):
         for number, value in zip(numbers, values, strict=True):
             if value is not None:
                 found.update((i, raw) for i, raw in blocks.unpack(number, value) if i in wanted)
-        rest = [i for i in indices if i not in found]
+        rest = [i for i in wanted if i not in found]
         if rest:
-            kept = self._call(self.r.hmget, job_key(job_id, "kept_inputs"), [str(i) for i in rest])
-            found.update((i, raw) for i, raw in zip(rest, kept, strict=True) if raw is not None)
+            pipe = self.r.pipeline(transaction=False)
+            for part in ("kept_inputs", "inputs"):
+                pipe.hmget(job_key(job_id, part), [str(i) for i in rest])
+            kept, older = self._call(pipe.execute)
+            for i, raw, old in zip(rest, kept, older, strict=True):
+                if raw is not None or old is not None:
+                    found[i] = raw if raw is not None else old
         return found
 
     def all_items(self, job_id: str, total: int) -> Iterator[Item]:

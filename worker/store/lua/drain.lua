@@ -25,6 +25,8 @@ for i = 4, #ARGV, 4 do
     redis.call('HDEL', results, ARGV[i])
     if ARGV[i + 2] == '0' then
       redis.call('HDEL', kept, ARGV[i])
+      -- a job an older genq stored has a field per item (item 0's stays, as block 0 does)
+      if index > 0 then redis.call('HDEL', inputs, ARGV[i]) end
     else
       redis.call('HSET', errors, ARGV[i], v)
       if ARGV[i + 3] ~= '' then redis.call('HSET', kept, ARGV[i], ARGV[i + 3]) end
