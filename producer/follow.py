@@ -228,7 +228,9 @@ def follow_collect(
         spool.compact(everything=True)
         written, errored, ended = render(spool.lines(), output, errors, include_unfinished=include_unfinished)
         if not include_unfinished and state.status in (JobStatus.CANCELLED, JobStatus.EXPIRED):
-            ended += state.counts.cancelled + state.counts.expired
+            # every item the end left without a result, whether or not an earlier `--all` of this
+            # spool wrote its row (render's count is those rows: a part of the same items)
+            ended = state.counts.cancelled + state.counts.expired
         kept = spool.folder if state.counts.errored else None
         if kept is None:
             spool.remove()

@@ -6,8 +6,9 @@ The order is what makes a submit leave a job or nothing:
    so the same command finds the same job) and reported before anything is written;
 2. one process at a time submits a job (a lock in the store; a second submit waits, then resumes);
 3. the job is created as ``submitting``: every key it writes expires after ``GENQ_SUBMIT_TTL``;
-4. the input is validated and stored page by page (memory stays flat); an error removes what was
-   written, unless ``skip_invalid`` records the line as an errored item;
+4. the input is validated and stored page by page (memory stays flat), a block of items per
+   stored value (:mod:`worker.store.blocks`); an error removes what was written, unless
+   ``skip_invalid`` records the line as an errored item;
 5. only then are chunks published, each claimed in the store first (a bit per chunk), in
    pipelined batches, into the job's backlog, from which they are dispatched to the broker queue
    round robin with other jobs (:mod:`worker.store.dispatch`);
@@ -36,7 +37,7 @@ from worker.core.schema import Item, JobSpec, error_result
 from worker.core.states import JobStatus
 from worker.queue.messages import job_queues
 from worker.queue.routing import chunk_task_id
-from worker.store import RedisStore
+from worker.store import RedisStore, blocks
 from worker.store.keys import PAGE
 from worker.store.submit import new_incarnation
 
@@ -234,10 +235,12 @@ class Submitter:
 
 
 def _pages(items: Iterable[Item]) -> Iterator[list[Item]]:
+    """Pages of about :data:`PAGE` items, whole blocks of stored inputs (:mod:`worker.store.blocks`)."""
+    size = -(-PAGE // blocks.BLOCK) * blocks.BLOCK
     page: list[Item] = []
     for item in items:
         page.append(item)
-        if len(page) >= PAGE:
+        if len(page) >= size:
             yield page
             page = []
     if page:

@@ -27,6 +27,7 @@ from producer.inputs import InputLimits
 from tests.helpers import RedisServer, genq
 from worker.core.profiles import load_profile
 from worker.core.settings import reset_settings
+from worker.store import blocks
 
 PROFILE = "tiny-random"
 QUEUE = f"genq.{PROFILE}.any"
@@ -441,8 +442,10 @@ def test_skip_invalid_does_not_excuse_a_bad_file(
 
 
 def stored_items(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    raw = client.hgetall(f"genq:job:{job_id}:inputs")
-    return [json.loads(raw[str(i)]) for i in range(len(raw))]
+    raw = client.execute_command("HGETALL", f"genq:job:{job_id}:inputs", NEVER_DECODE=True)
+    found = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else raw
+    lines = [line for n in range(len(found)) for _, line in blocks.unpack(n, found[f"b{n}".encode()])]
+    return [json.loads(line) for line in lines]
 
 
 def job_state(server: RedisServer, job_id: str) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def test_follower_killed_twice_resumes_complete_ordered_once(
     assert [row["id"] for row in got] == [f"q{i:08d}" for i in range(n)]
     assert out.read_bytes() == plain.read_bytes()
     assert not spool_folder(out).exists()
-    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hkeys(f"genq:job:{job}:inputs") == ["0"]
+    assert r.hlen(f"genq:job:{job}:results") == 0 and r.hkeys(f"genq:job:{job}:inputs") == ["b0"]
     assert r.ttl(f"genq:job:{job}:drained") > 0  # kept as long as the finished job
     state, twin_state = (json.loads(genq(url, "status", j, "--json").stdout) for j in (job, twin))
     assert state["counts"] == twin_state["counts"] and state["counts"]["succeeded"] == n
@@ -173,7 +173,9 @@ def test_retry_after_drain_merges_the_new_results(redis_server: RedisServer, tmp
     # drained errors stay in Redis for a retry, out of the results hash a follower scans
     assert r.hlen(f"genq:job:{job}:results") == 0
     assert sorted(map(int, r.hkeys(f"genq:job:{job}:drained_errors"))) == sorted(bad)
-    assert r.hlen(f"genq:job:{job}:inputs") == len(bad) + 1  # and item 0
+    # their inputs are kept apart: every block of inputs but the first left Redis with its items
+    assert sorted(map(int, r.hkeys(f"genq:job:{job}:kept_inputs"))) == sorted(bad)
+    assert r.hkeys(f"genq:job:{job}:inputs") == ["b0"]
 
     retried = genq(url, "retry", job)
     assert f"re-enqueued {len(bad)}" in retried.stderr
@@ -291,3 +293,24 @@ def test_submit_collect_to_submits_then_follows(redis_server: RedisServer, tmp_p
     assert f"wrote {n} results to {out}" in proc.stderr
     assert [row["id"] for row in rows(out)] == [f"q{i:08d}" for i in range(n)]
     assert r.hlen(f"genq:job:{job}:results") == 0
+
+
+def test_the_summary_counts_each_cancelled_item_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Followed once with ``--all`` (a cancelled row for each item the cancel left; the spool is
+    kept, the job had an error), then again without: the items left out are the job's cancelled
+    count, once (the spool's cancelled rows are those same items), and the file leaves them out."""
+    url, n = redis_server.url, 200
+    src = tmp_path / "in.jsonl"
+    write_input(src, n)
+    job = submit(url, src)
+    feed(url, job, n, rate=float("inf"), only=range(100), errors={5})
+    client = Client(url)
+    client.job(job).cancel()
+    state = client.job(job).status()  # settled: no worker runs a chunk of it
+    assert (state.status, state.counts.cancelled) == ("cancelled", 100)
+    out = tmp_path / "out.jsonl"
+    every = client.collect(job, out, follow=True, include_unfinished=True)
+    assert (every.written, every.ended) == (n, 0) and every.spool_kept is not None
+    again = client.collect(job, out, follow=True)
+    assert (again.written, again.ended) == (100, 100)
+    assert [row["id"] for row in rows(out)] == [f"q{i:08d}" for i in range(100)]

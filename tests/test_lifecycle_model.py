@@ -70,6 +70,7 @@ from worker.queue.task import serve
 from worker.runtime import Runtime
 from worker.store import RedisStore
 from worker.store.dispatch import ring_entry
+from worker.store import blocks as input_blocks
 from worker.store.keys import all_job_keys, backlog_key, job_key, job_keys, ring_key
 
 PROFILE = "tiny-random"
@@ -977,9 +978,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inputs are stored, and chunks claimed, two at a time, so that a submit of a few items is
-    interrupted between pages as a big one would be."""
+    """Inputs are stored (in blocks of two), and chunks claimed, two at a time, so that a submit
+    of a few items is interrupted between pages as a big one would be."""
     monkeypatch.setattr(producer.submit, "PAGE", 2)
+    monkeypatch.setattr(input_blocks, "BLOCK", 2)
 
 
 def test_lifecycle_model(world: World, small_pages: None) -> None:

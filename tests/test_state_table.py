@@ -41,6 +41,7 @@ from worker.core.lifecycle import ABSENT, STATES, TABLE, Event, Move, Refuse
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, ItemResult, Usage, error_result
 from worker.core.states import ChunkOutcome, CountField, JobStatus
 from worker.store import RedisStore
+from worker.store.blocks import BLOCK
 from worker.store.keys import JOBS_INDEX, all_job_keys, backlog_key, job_key, ring_key
 
 PROFILE = "tiny-random"
@@ -92,9 +93,11 @@ HASH_FIELDS = {
     "route",
     "table",
     "string",
+    "b",
 }
 """Lower-case words the scripts may quote besides statuses: the job hash's fields, the guard's
-``absent``, release.lua's two operations, follow_lease.lua's three and Lua's type names."""
+``absent``, release.lua's two operations, follow_lease.lua's three, Lua's type names and the
+prefix of a block of inputs' field (``b<n>``, worker/store/blocks.py)."""
 
 
 def lua_literals() -> dict[str, set[str]]:
@@ -232,7 +235,7 @@ def test_cancel_or_expiry_during_a_submit_ends_the_job_and_refuses_the_submit(
     state = client.job("c1").status()
     assert state.status == word  # never "completed" with total 0
     assert (state.counts.total, getattr(state.counts, word), state.counts.pending) == (1000, 1000, 0)
-    assert r.hlen(job_key("c1", "inputs")) == 1000  # nothing of the second page was stored
+    assert r.hlen(job_key("c1", "inputs")) == 1000 // BLOCK  # nothing of the second page was stored
     assert message_refs(r, "c1") == [] and "c1" not in client.store.ring(QUEUE)
     assert all(r.ttl(k) > 0 for k in job_keys(r, "c1"))  # an ended job expires after retention
 
@@ -543,7 +546,7 @@ def test_a_follower_of_a_deleted_job_drains_nothing_of_its_new_incarnation(
         with pytest.raises(JobNotFound) as gone:
             follower.confirm(rows)
         assert "nothing is drained" in one_line(gone.value)
-    assert r.hlen(job_key("dr", "results")) == 4 and r.hlen(job_key("dr", "inputs")) == 4
+    assert r.hlen(job_key("dr", "results")) == 4 and r.hlen(job_key("dr", "inputs")) == 1  # one block
     assert store.drained_total("dr") == 0
     # the new incarnation's own follower drains them
     assert store.confirm_drained("dr", rows, inc=store.spec("dr").incarnation) == 4

@@ -4,8 +4,9 @@ disk.
 * :meth:`DrainStore.undrained` pages out results not drained yet (an HSCAN of the results hash:
   while a collector follows the job, that hash holds only the work in flight and kept errors).
 * :meth:`DrainStore.confirm_drained` (``lua/drain.lua``) is called after the collector's fsync:
-  it sets each item's ``drained`` bit and deletes its result and input, unless the result
-  changed since it was read.  An error moves to ``drained_errors`` with its input kept, for
+  it sets each item's ``drained`` bit and deletes its result, unless the result changed since
+  it was read, and a block of inputs (:mod:`worker.store.blocks`) once all of its items are
+  drained.  An error moves to ``drained_errors`` and its input to ``kept_inputs``, for
   `genq retry` (out of the results hash, so that a follower's scans stay the size of the work
   in flight however many items errored).
 * The ``drained`` bitmap is what keeps drained items done: the worker's pending check and
@@ -21,8 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from worker.core.lifecycle import Event
+from worker.store import blocks
 from worker.store.base import LUA
-from worker.store.keys import FOLLOWER, PAGE, job_key
+from worker.store.keys import DRAIN, FOLLOWER, PAGE, job_key
 from worker.store.results import ResultStore
 
 _SOURCES = {"follow_lease": (LUA / "follow_lease.lua").read_text(encoding="utf-8")}
@@ -59,15 +61,19 @@ class DrainStore(ResultStore):
 
     def confirm_drained(self, job_id: str, rows: Sequence[tuple[int, str, bool]], *, inc: str = "") -> int:
         """``rows`` of ``(index, result digest, keep)`` are durably in the collector's output:
-        mark them drained and delete those not kept (with their inputs).  Returns how many were
-        marked (a result replaced since it was read is not).  A guarded step of the state table:
-        :class:`JobNotFound` when the job is gone or not incarnation ``inc`` ('': any)."""
-        keys = [job_key(job_id, part) for part in ("", "results", "inputs", "drained", "drained_errors")]
+        mark them drained and delete those not kept; a block of inputs whose items are all
+        drained leaves Redis, a kept error's input moves to ``kept_inputs`` first.  Returns how
+        many were marked (a result replaced since it was read is not).  A guarded step of the
+        state table: :class:`JobNotFound` when the job is gone or not incarnation ``inc`` ('': any)."""
+        keys = [job_key(job_id, part) for part in ("", "results", "inputs", *DRAIN)]
         marked = 0
         for start in range(0, len(rows), PAGE):
-            argv: list[Any] = []
-            for index, digest, keep in rows[start : start + PAGE]:
-                argv += [index, digest, 1 if keep else 0]
+            page = rows[start : start + PAGE]
+            # an error's input, read before its block may go (it is only ever written at submit)
+            inputs = self.stored_inputs(job_id, [index for index, _, keep in page if keep])
+            argv: list[Any] = [blocks.BLOCK]
+            for index, digest, keep in page:
+                argv += [index, digest, 1 if keep else 0, inputs.get(index, "") if keep else ""]
             marked += int(self._step(Event.DRAIN, job_id, inc, "drain", keys, argv))
         return marked
 

@@ -8,7 +8,9 @@ All keys live under ``genq:``.  A job's keys:
                                ``ending`` (why a ``cancelling`` job ends), submit progress,
                                ``route`` (JSON: the broker queues and rings its messages may
                                wait in, taken out of in the step that ends or completes it)
-``job:<id>:inputs``            hash: item index → Item JSON (stored once, at submit)
+``job:<id>:inputs``            hash: ``b<n>`` → block *n* of the inputs: the Item JSON of 50
+                               consecutive items, zlib-compressed (stored once, at submit;
+                               :mod:`worker.store.blocks`)
 ``job:<id>:results``           hash: item index → ItemResult JSON (first write wins)
 ``job:<id>:chunks``            hash: chunk id → JSON index list, for chunks that are not a plain
                                range of the input (split children, retry rounds)
@@ -21,8 +23,10 @@ All keys live under ``genq:``.  A job's keys:
 ``job:<id>:submitter``         string, short TTL: held by the process submitting the job
 ``job:<id>:drained``           bitmap: bit *n* set once item *n* is durably in the output file of
                                a `genq collect --follow` (its result and input then leave Redis;
-                               an error's input stays, for `genq retry`)
+                               an error's input is kept, for `genq retry`)
 ``job:<id>:drained_errors``    hash: item index → ItemResult JSON of an error drained to the output
+``job:<id>:kept_inputs``       hash: item index → Item JSON of such an error (its block may be
+                               gone: a block leaves Redis once all of its items are drained)
 ``job:<id>:follower``          string, short TTL: the lease of the job's one ``--follow`` collector
 ``job:<id>:events``            pub/sub channel (not a key): the final status, once
 =============================  ============================================================
@@ -48,7 +52,7 @@ WORKERS_INDEX = f"{PREFIX}workers"
 THROUGHPUT = f"{PREFIX}throughput"
 """Hash: worker class (profile|mode|device|hardware) → the last measured tokens/s (JSON)."""
 
-DRAIN = ("drained", "drained_errors")
+DRAIN = ("drained", "drained_errors", "kept_inputs")
 """The keys of a job followed by `genq collect --follow` (:mod:`worker.store.drain`)."""
 
 JOB_PARTS = ("inputs", "results", "chunks", "claims", "attempts", "running", "workers", "backlog", *DRAIN)

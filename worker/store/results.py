@@ -12,6 +12,7 @@ from worker.core.errors import JobNotFound, JobRefused
 from worker.core.lifecycle import Event
 from worker.core.observe import observer
 from worker.core.schema import Item, ItemResult
+from worker.store import blocks
 from worker.store.base import StoreBase
 from worker.store.connection import guarded_iter
 from worker.store.keys import PAGE, job_key, job_keys
@@ -21,14 +22,45 @@ class ResultStore(StoreBase):
     def items(self, job_id: str, indices: Sequence[int]) -> list[Item]:
         """The items of ``indices``; one drained meanwhile (done by another delivery and already
         in a collector's output, its input gone) is left out: there is nothing left to do for it."""
-        raw = self._call(self.r.hmget, job_key(job_id, "inputs"), [str(i) for i in indices])
-        missing = [i for i, r in zip(indices, raw, strict=True) if r is None]
+        stored = self.stored_inputs(job_id, indices)
+        missing = [i for i in indices if i not in stored]
         if missing:
             gone = self.drained(job_id, missing)
             missing = [i for i in missing if i not in gone]
         if missing:
             raise JobNotFound(f"job {job_id}: inputs {missing[:5]} are missing (expired or deleted)")
-        return [Item.model_validate_json(r) for r in raw if r is not None]
+        return [Item.model_validate_json(stored[i]) for i in indices if i in stored]
+
+    def stored_inputs(self, job_id: str, indices: Sequence[int]) -> dict[int, str]:
+        """The stored Item JSON of each of ``indices`` that Redis still holds: from its block
+        (:mod:`worker.store.blocks`), else, for an error drained to a collector's output whose
+        block is gone, from ``kept_inputs``, else from a field of its own (a job an older genq
+        stored, one field per item: new workers still serve it)."""
+        wanted = set(indices)
+        if not wanted:
+            return {}
+        numbers = blocks.blocks_of(wanted)
+        values = self._call(
+            self.r.execute_command,
+            "HMGET",
+            job_key(job_id, "inputs"),
+            *[blocks.field(b) for b in numbers],
+            NEVER_DECODE=True,
+        )
+        found: dict[int, str] = {}
+        for number, value in zip(numbers, values, strict=True):
+            if value is not None:
+                found.update((i, raw) for i, raw in blocks.unpack(number, value) if i in wanted)
+        rest = [i for i in wanted if i not in found]
+        if rest:
+            pipe = self.r.pipeline(transaction=False)
+            for part in ("kept_inputs", "inputs"):
+                pipe.hmget(job_key(job_id, part), [str(i) for i in rest])
+            kept, older = self._call(pipe.execute)
+            for i, raw, old in zip(rest, kept, older, strict=True):
+                if raw is not None or old is not None:
+                    found[i] = raw if raw is not None else old
+        return found
 
     def all_items(self, job_id: str, total: int) -> Iterator[Item]:
         for start in range(0, total, PAGE):

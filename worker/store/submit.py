@@ -19,6 +19,7 @@ from types import TracebackType
 from worker.core.lifecycle import Event
 from worker.core.schema import JobSpec
 from worker.core.states import JobStatus
+from worker.store import blocks
 from worker.store.jobs import COUNT_FIELDS, JobStore
 from worker.store.keys import JOBS_INDEX, SUBMITTER, job_key, job_keys, ring_key
 
@@ -113,22 +114,25 @@ class SubmitStore(JobStore):
 
     def write_inputs(self, job_id: str, page: Sequence[tuple[int, str]], *, inc: str = "") -> None:
         """Store a page of ``(index, Item JSON)`` while the job is still ``submitting`` (this
-        incarnation); every key of the partial job gets ``GENQ_SUBMIT_TTL`` again.  Refused
-        (:class:`~worker.core.errors.JobRefused`, :class:`~worker.core.errors.JobNotFound`) once
-        the job was cancelled, deleted or expired during the submit."""
+        incarnation), as whole blocks (:mod:`worker.store.blocks`: the page starts at a block's
+        first item; only the input's last block may be short); every key of the partial job gets
+        ``GENQ_SUBMIT_TTL`` again.  Refused (:class:`~worker.core.errors.JobRefused`,
+        :class:`~worker.core.errors.JobNotFound`) once the job was cancelled, deleted or expired
+        during the submit."""
         if not page:
             return
         keys = [job_key(job_id), job_key(job_id, "inputs"), *job_keys(job_id)[1:]]
-        args: list[str | int | float] = [self.settings.submit_ttl, time.time(), page[-1][0] + 1]
-        for i, raw in page:
-            args += [i, raw]
+        args: list[str | int | float | bytes] = [self.settings.submit_ttl, time.time(), page[-1][0] + 1]
+        for block, value in blocks.pack(page):
+            args += [blocks.field(block), value]
         self._step(Event.WRITE_PAGE, job_id, inc, "write", keys, args)
 
     def differing_input(self, job_id: str, page: Sequence[tuple[int, str]]) -> int | None:
         """The first index of ``page`` whose stored input differs from the given JSON (a missing
         one does not differ: it is simply not written yet)."""
-        stored = self._call(self.r.hmget, job_key(job_id, "inputs"), [str(i) for i, _ in page])
-        for (index, raw), old in zip(page, stored, strict=True):
+        stored = self.stored_inputs(job_id, [i for i, _ in page])
+        for index, raw in page:
+            old = stored.get(index)
             if old is not None and old != raw:
                 return index
         return None
