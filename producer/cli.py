@@ -392,7 +392,8 @@ def _run_embedded(
     changed = f", {report.changed} regenerated because their request changed" if report.changed else ""
     click.echo(
         f"done: {c.succeeded} ok, {c.errored} errors, {report.resumed} resumed from {output}{changed}; "
-        f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode})",
+        f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode}); "
+        f"job {job.job_id}",
         err=True,
     )
 

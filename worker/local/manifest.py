@@ -1,7 +1,8 @@
 """What an embedded run's output file was made from, so a rerun reuses only what belongs.
 
 Beside ``results.jsonl`` lives ``results.jsonl.genq``: a header (the output format, the profile,
-the input) and, per item id, the digest of the request it answers (:mod:`worker.core.identity`).
+the input, and the job's spec as `genq submit` would store it) and, per item id, the digest of
+the request it answers (:mod:`worker.core.identity`).
 A rerun keeps a row only when its id is still in the input with the same digest; every other
 item is generated (again).  The output is first cut down to the rows kept, in input order, and
 the manifest rewritten, both atomically and together, before any new row is appended, so the
@@ -41,7 +42,7 @@ from worker.core.outputs import (
     row_count_field,
     trim_partial_line,
 )
-from worker.core.schema import Counts, Item
+from worker.core.schema import Counts, Item, JobSpec
 
 VERSION = 1
 
@@ -104,6 +105,8 @@ class Resume:
     first_changed: Item | None = None
     end: int = 0
     """The output's size in bytes once cut down to the rows kept (new rows start there)."""
+    peak_held: int = 0
+    """The most input items held at once while planning (a window's)."""
 
     @property
     def kept(self) -> int:
@@ -202,13 +205,13 @@ def prepare_output(
     context: str,
     *,
     output_format: Callable[[], OutputFormat],
-    profile: str,
-    source: str,
+    spec: Callable[[], JobSpec],
 ) -> Resume:
     """Read the input (``windows``, in order) once: decide what of ``output`` it may keep, cut
     ``output`` down to those rows, in input order, and write the new manifest (both replaced
     together, only once the whole input was read and found valid: an error leaves both as they
-    were).  ``output_format`` is asked once the input was read (``auto`` is decided by it)."""
+    were).  ``output_format`` and ``spec`` are asked once the input was read (``auto`` is
+    decided by it; the spec's total and digest come from it)."""
     trim_partial_line(output)  # a row cut short by a crash is not one
     index = _index(output)
     resume = Resume()
@@ -219,6 +222,7 @@ def prepare_output(
             body = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
             out, manifest = stack.enter_context(replaced_together([output, manifest_path(output)]))
             for window in windows:
+                resume.peak_held = max(resume.peak_held, len(window))
                 for item in window:
                     resume.counts.total += 1
                     digest = item_digest(item, context)
@@ -241,9 +245,14 @@ def prepare_output(
                     f"{output} holds {had} rows; this run writes {fmt} rows and one file never "
                     f"mixes them: rerun with --format {had}, or choose another -o"
                 )
-            manifest.write(
-                dumps_row({"genq_manifest": VERSION, "format": fmt, "profile": profile, "input": source})
-            )
+            job = spec()
+            header = {
+                "genq_manifest": VERSION,
+                "format": fmt,
+                "profile": job.profile,
+                "input": job.source or "",
+            }
+            manifest.write(dumps_row({**header, "job": job.model_dump(mode="json")}))
             body.seek(0)
             shutil.copyfileobj(body, manifest)
     except BaseException:

@@ -115,8 +115,7 @@ def run_embedded(
         job.windows(window),
         context,
         output_format=lambda: job.output_format,
-        profile=draft.profile,
-        source=draft.source or "",
+        spec=job.spec,
     )
     spec, fmt = job.spec(), job.output_format
     if resume.first_changed is not None:
@@ -147,7 +146,7 @@ def run_embedded(
         seconds=time.monotonic() - started,
         mode=loaded_mode,
         output=output,
-        peak_held=store.peak_held,
+        peak_held=max(resume.peak_held, store.peak_held),
     )
 
 
