@@ -278,7 +278,9 @@ def _collect(
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--profile", required=True, help="Model profile: a name (configs/NAME.yaml) or a path.")
-@click.option("--job-id", default=None, help="With a broker: the job id (default: derived from FILE).")
+@click.option(
+    "--job-id", default=None, help="The job id (default: derived from FILE, as `genq submit` does)."
+)
 @click.option("--mode", default=None, help="Embedded: auto, nf4 or fp32.  With a broker: any, nf4 or fp32.")
 @click.option("--chunk-size", type=int, default=16, show_default=True)
 @click.option(
@@ -320,7 +322,7 @@ def run(
             params,
             system_prompt,
         )
-        _run_embedded(*embedded, adapter=adapter)
+        _run_embedded(*embedded, adapter=adapter, job_id=job_id)
         return
     c = client()
     job = c.submit(
@@ -354,12 +356,11 @@ def _run_embedded(
     params: GenParams,
     system_prompt: str | None,
     adapter: str | None = None,
+    job_id: str | None = None,
 ) -> None:
-    from producer.inputs import FILE_OUTPUT, read_items
-    from producer.options import SubmitOptions, derived_job_id, input_limits
+    from producer.build import EmbeddedJob, JobBuilder, job_options
     from producer.progress import ProgressBar
     from worker.core.logs import configure
-    from worker.core.profiles import load_profile
     from worker.core.states import LoadMode
     from worker.local import run_embedded
 
@@ -371,42 +372,28 @@ def _run_embedded(
         # a worker's log (GENQ_LOG_LEVEL=INFO shows them here too)
         settings = settings.model_copy(update={"log_level": "WARNING"})
     configure(settings)
-    options = SubmitOptions(
-        profile=load_profile(profile),
+    options = job_options(  # the profile is loaded here, once: the run and the model load use it
+        profile,
         chunk_size=chunk_size,
         params=params,
         system_prompt=system_prompt,
         skip_invalid=skip_invalid,
         adapter=adapter,
     )
-    options.check()
-    read = read_items(
-        file,
-        skip_invalid=skip_invalid,
-        limits=input_limits(options.profile, adapter),
-    )
-    if fmt == "auto":  # one dialect per file: the output file names its one shape
-        fmt = FILE_OUTPUT[read.format]
-    spec = options.spec(derived_job_id(file, options), total=len(read.items), source=str(file))
+    build = JobBuilder(file, options)  # as `genq submit` builds it: the same id and spec
+    job = EmbeddedJob(build, build.job_id(job_id), fmt)  # type: ignore[arg-type]
     started = time.monotonic()
     bar = ProgressBar()
     try:
-        report = run_embedded(
-            spec,
-            read.items,
-            output,
-            profile=options.profile,  # loaded once, above: the run and the model load use it
-            fmt=fmt,  # type: ignore[arg-type]
-            mode=mode,
-            on_progress=bar.update,
-        )
+        report = run_embedded(job, output, profile=options.profile, mode=mode, on_progress=bar.update)
     finally:
         bar.close()
     c = report.counts
     changed = f", {report.changed} regenerated because their request changed" if report.changed else ""
     click.echo(
         f"done: {c.succeeded} ok, {c.errored} errors, {report.resumed} resumed from {output}{changed}; "
-        f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode})",
+        f"{report.completion_tokens / max(time.monotonic() - started, 1e-9):.1f} tok/s ({report.mode}); "
+        f"job {job.job_id}",
         err=True,
     )
 

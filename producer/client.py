@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from producer.options import SubmitOptions, derived_job_id, new_job_id
-from producer.submit import Source, SubmitReport, Submitter
+from producer.build import JobBuilder, Source, job_options
+from producer.submit import SubmitReport, Submitter
 from worker.chunks import make_chunks
-from worker.core.errors import ConfigError, FollowConflict, InputError, JobNotFound
+from worker.core.errors import ConfigError, FollowConflict, JobNotFound
 from worker.core.jobstate import JobState
 from worker.core.outputs import OutputFormat
-from worker.core.profiles import load_profile
 from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, error_result
 from worker.core.settings import Settings, get_settings
 from worker.core.states import ErrorCode, JobStatus, Priority, QueueMode
@@ -74,7 +73,7 @@ class Job:
     def status(self) -> JobState:
         store = self.client.store
         if store.expire_if_due(self.id):
-            self.client.drain(self.id)
+            self.client.withdraw(self.id)
         state = store.state(self.id)
         if state.status == JobStatus.CANCELLING and state.live_chunks == 0:
             store.settle(self.id)  # the workers that held its chunks died: end it now
@@ -153,7 +152,7 @@ class Job:
         """Cancel: its backlog is dropped in the same step, and the few messages already on its
         queue are removed (a worker holding one drops it: the job is cancelling)."""
         state = self.client.store.request_cancel(self.id)
-        self.client.drain(self.id)
+        self.client.withdraw(self.id)
         return state
 
     def retry(self, *, all_errors: bool = False) -> int:
@@ -265,28 +264,23 @@ class Client:
         ``priority`` (high, normal, low): which queue level its chunks wait on; between jobs of
         one level, chunks are served round robin.  ``adapter``: one of the profile's adapters, by
         name, for items that name none.  ``on_job_id`` hears the id before anything is written."""
-        if mode not in tuple(QueueMode):
-            raise InputError(f"unknown mode {mode!r}: choose any, nf4 or fp32", field="mode")
-        if priority not in tuple(Priority):
-            raise InputError(f"unknown priority {priority!r}: choose high, normal or low", field="priority")
-        options = SubmitOptions(
-            profile=load_profile(profile, self.settings),
-            mode=QueueMode(mode),
+        options = job_options(
+            profile,
+            settings=self.settings,
+            mode=mode,
             chunk_size=chunk_size,
-            params=params or GenParams(),
+            params=params,
             system_prompt=system_prompt,
             expires_in=expires_in,
             skip_invalid=skip_invalid,
             adapter=adapter,
-            priority=Priority(priority),
+            priority=priority,
         )
-        options.check()
-        if job_id is None:
-            is_file = isinstance(source, str | os.PathLike)
-            job_id = derived_job_id(source, options) if is_file and not new else new_job_id()  # type: ignore[arg-type]
+        build = JobBuilder(source, options)  # the one way a job is built (producer.build)
+        job_id = build.job_id(job_id, new=new)
         if on_job_id is not None:
             on_job_id(job_id)
-        report = Submitter(self.store, self.publish, self.live_messages, options).submit(
+        report = Submitter(self.store, self.publish, self.live_messages, options, build).submit(
             source, job_id, on_wait=on_wait
         )
         return Job(self, job_id, report)
@@ -353,9 +347,10 @@ class Client:
             return None
         return Deleted(job_id, keys, backlog + (withdraw(self.store, spec) if spec else 0))
 
-    def drain(self, job_id: str) -> int:
-        """Take the job out of the queues: its place in the rings and its messages waiting on
-        the broker queues (cancel, expiry); returns how many messages were removed."""
+    def withdraw(self, job_id: str) -> int:
+        """Withdraw the job from the queues: its place in the rings and its messages waiting on
+        the broker queues (cancel, expiry); returns how many messages were removed.  (Not to be
+        confused with draining *results* out of Redis, which `genq collect --follow` does.)"""
         from worker.queue.messages import withdraw
 
         try:

@@ -63,7 +63,7 @@ class SubmitOptions:
         source_fingerprint: str = "",
     ) -> JobSpec:
         """The job's spec: the one way a job is built from its options, for `genq submit` and
-        `genq run` (embedded or not) alike."""
+        `genq run` (embedded or not) alike (:class:`producer.build.JobBuilder` calls it)."""
         return JobSpec(
             job_id=job_id,
             profile=self.profile.name,
@@ -77,6 +77,7 @@ class SubmitOptions:
             input_digest=input_digest,
             source=source,
             source_fingerprint=source_fingerprint,
+            skip_invalid=self.skip_invalid,
         )
 
     def fingerprint(self) -> str:
@@ -135,9 +136,12 @@ def source_fingerprint(path: str | os.PathLike[str], options: SubmitOptions) -> 
     return hashlib.sha256(f"{file_digest(path)}|{options.fingerprint()}".encode()).hexdigest()
 
 
-def derived_job_id(path: str | os.PathLike[str], options: SubmitOptions) -> str:
-    """The same file (by content), profile and parameters give the same job id."""
-    digest = source_fingerprint(path, options)[:12]
+def derived_job_id(
+    path: str | os.PathLike[str], options: SubmitOptions, *, fingerprint: str | None = None
+) -> str:
+    """The same file (by content), profile and parameters give the same job id (``fingerprint``:
+    :func:`source_fingerprint`, when the caller has it already)."""
+    digest = (fingerprint or source_fingerprint(path, options))[:12]
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(path).stem)[:40] or "job"
     return f"{stem}-{digest}"
 

@@ -22,26 +22,22 @@ Redis full: what was written is removed and the error names Redis' maxmemory.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from producer.inputs import ItemStream, stream_items, stream_records
-from producer.options import SubmitOptions, input_limits, option_difference, source_fingerprint
+from producer.build import JobBuilder, Source
+from producer.options import SubmitOptions, option_difference
 from worker.chunks import chunk_count, chunk_id, chunk_range
 from worker.core.errors import InputError, JobConflict, StoreFull
-from worker.core.identity import JobDigest, job_context
 from worker.core.lifecycle import Event, refusal
 from worker.core.schema import Item, JobSpec, error_result
 from worker.core.states import JobStatus
 from worker.queue.messages import job_queues
 from worker.queue.routing import chunk_task_id
-from worker.store import RedisStore, blocks
+from worker.store import RedisStore
 from worker.store.keys import PAGE
 from worker.store.submit import new_incarnation
 
-Source = str | os.PathLike[str] | Iterable[Mapping[str, Any]]
 Publisher = Callable[[JobSpec, dict[str, list[int]]], int]
 
 
@@ -55,13 +51,6 @@ class SubmitReport:
     status: JobStatus
 
 
-def _stream(source: Source, options: SubmitOptions) -> ItemStream:
-    limits = input_limits(options.profile, options.adapter)
-    if isinstance(source, str | os.PathLike):
-        return stream_items(source, skip_invalid=options.skip_invalid, limits=limits)
-    return stream_records(source, skip_invalid=options.skip_invalid, limits=limits)
-
-
 class Submitter:
     """One submit of one job (see the module docstring for the order of things)."""
 
@@ -71,12 +60,13 @@ class Submitter:
         publish: Publisher,
         live_messages: Callable[[JobSpec], set[str]],
         options: SubmitOptions,
+        build: JobBuilder | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.live_messages = live_messages
         self.options = options
-        self._source_fingerprint: str | None = None
+        self._build = build  # how the job is built from its source (producer.build)
 
     def submit(
         self,
@@ -112,21 +102,16 @@ class Submitter:
 
     # --- inputs ----------------------------------------------------------------------------------
 
+    def _builder(self, source: Source) -> JobBuilder:
+        if self._build is None or self._build.source is not source:
+            self._build = JobBuilder(source, self.options)
+        return self._build
+
     def _spec(self, job_id: str, source: Source, *, total: int, digest: str) -> JobSpec:
-        return self.options.spec(
-            job_id,
-            total=total,
-            input_digest=digest,
-            source=os.fspath(source) if isinstance(source, str | os.PathLike) else None,
-            source_fingerprint=self._fingerprint(source),
-        )
+        return self._builder(source).spec(job_id, total=total, input_digest=digest)
 
     def _fingerprint(self, source: Source) -> str:
-        if not isinstance(source, str | os.PathLike):
-            return ""
-        if self._source_fingerprint is None:
-            self._source_fingerprint = source_fingerprint(source, self.options)
-        return self._source_fingerprint
+        return self._builder(source).fingerprint
 
     def _check_same_options(self, stored: JobSpec, status: JobStatus) -> None:
         """A job of this id (partial or not) must be resubmitted with the options it was first
@@ -138,24 +123,21 @@ class Submitter:
     def _store_inputs(self, source: Source, spec: JobSpec, *, partial: bool) -> tuple[JobSpec, list[Item]]:
         """Validate and store every input, a page at a time; returns the final spec and the
         items recorded as invalid (``skip_invalid``)."""
-        digest = JobDigest(job_context(self.options.profile, spec.defaults, spec.system_prompt))
         invalid: list[Item] = []
-        stream = _stream(source, self.options)
-        for page in _pages(stream):
-            rows = [(item.index, item.model_dump_json(exclude_defaults=True)) for item in page]
-            for _, raw in rows:
-                digest.add(raw)
+        reading = self._builder(source).read()  # validated and added to the job's digest
+        for part in reading.pages(PAGE):
+            rows = part.rows
             if partial:  # an interrupted submit of this id stored some inputs: they must be ours
                 differs = self.store.differing_input(spec.job_id, rows)
                 if differs is not None:
-                    line = page[differs - page[0].index].line
+                    line = part.items[differs - part.items[0].index].line
                     raise JobConflict(
                         f"job {spec.job_id} was partly submitted from a different input (its item at "
                         f"line {line} differs): submit with another --job-id, or `genq delete {spec.job_id}`"
                     )
             self.store.write_inputs(spec.job_id, rows, inc=spec.incarnation)
-            invalid += [item for item in page if item.invalid is not None]
-        spec = spec.model_copy(update={"total": stream.count, "input_digest": digest.hexdigest()})
+            invalid += [item for item in part.items if item.invalid is not None]
+        spec = spec.model_copy(update={"total": reading.count, "input_digest": reading.digest})
         self.store.complete_inputs(spec)
         for start in range(0, len(invalid), PAGE):
             page = invalid[start : start + PAGE]
@@ -185,12 +167,10 @@ class Submitter:
 
     def _same_input(self, source: Source, existing: JobSpec) -> bool:
         """Read the whole input again: does it make the job ``existing`` is?"""
-        o = self.options
-        digest = JobDigest(job_context(o.profile, o.params, o.system_prompt))
-        for page in _pages(_stream(source, o)):
-            for item in page:
-                digest.add(item.model_dump_json(exclude_defaults=True))
-        return digest.hexdigest() == existing.input_digest and existing.profile == o.profile.name
+        reading = self._builder(source).read()
+        for _page in reading.pages(PAGE):
+            pass
+        return reading.digest == existing.input_digest and existing.profile == self.options.profile.name
 
     # --- chunks ----------------------------------------------------------------------------------
 
@@ -232,16 +212,3 @@ class Submitter:
         done = self.store.done(spec.job_id, every)
         todo = {cid: idx for cid, idx in chunks.items() if any(i not in done for i in idx)}
         return self.publish(spec, todo) if todo else 0
-
-
-def _pages(items: Iterable[Item]) -> Iterator[list[Item]]:
-    """Pages of about :data:`PAGE` items, whole blocks of stored inputs (:mod:`worker.store.blocks`)."""
-    size = -(-PAGE // blocks.BLOCK) * blocks.BLOCK
-    page: list[Item] = []
-    for item in items:
-        page.append(item)
-        if len(page) >= size:
-            yield page
-            page = []
-    if page:
-        yield page

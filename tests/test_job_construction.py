@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from producer.build import EmbeddedJob, JobBuilder
 from producer.options import SubmitOptions
-from worker.core.schema import GenParams, Item
+from worker.core.schema import GenParams
 from worker.core.states import Priority, QueueMode
 from worker.local import run_embedded
 
@@ -40,10 +41,8 @@ def test_the_embedded_run_reads_no_profile_of_its_own(tiny_profile: Any, tmp_pat
     """Renamed, the profile exists only in this process: a run that loaded it again by name (it
     used to, twice) would stop with unknown_profile."""
     profile = tiny_profile.model_copy(update={"name": "tiny-only-in-memory"})
-    spec = SubmitOptions(profile=profile, chunk_size=2).spec("j-once", total=3)
-    items = [
-        Item(index=i, id=f"p{i}", line=i + 1, prompt=f"hello {i}", params=GenParams(max_new_tokens=2))
-        for i in range(3)
-    ]
-    report = run_embedded(spec, items, tmp_path / "out.jsonl", profile=profile, mode="fp32")
+    options = SubmitOptions(profile=profile, chunk_size=2)
+    records = [{"id": f"p{i}", "prompt": f"hello {i}", "max_new_tokens": 2} for i in range(3)]
+    job = EmbeddedJob(JobBuilder(records, options), "j-once")
+    report = run_embedded(job, tmp_path / "out.jsonl", profile=profile, mode="fp32")
     assert report.counts.succeeded == 3 and report.mode == "fp32"

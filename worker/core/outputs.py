@@ -43,6 +43,7 @@ __all__ = [
     "append_row",
     "check_output_path",
     "dumps_row",
+    "iter_rows",
     "read_done",
     "result_row",
     "row_count_field",
@@ -187,27 +188,35 @@ def read_done(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
     A missing file gives ``{}``.  A last line that is cut short or garbled (a crash mid-write) is
     ignored; a bad line anywhere else raises :class:`InputError` naming it.  When an id appears
-    twice the first row wins, as in the job store.
+    twice the first row wins, as in the job store.  (:func:`iter_rows` reads them one at a time.)
     """
-    source = os.fspath(path)
     done: dict[str, dict[str, Any]] = {}
+    for row_id, row, _raw in iter_rows(path):
+        done.setdefault(row_id, row)
+    return done
+
+
+def iter_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """``(id, row, line)`` for each row of an output file, in file order, one at a time (the
+    rules of :func:`read_done`; ``line`` is the row's bytes as written, newline included)."""
+    source = os.fspath(path)
     bad: InputError | None = None
     try:
-        with open(source, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                if bad is not None:  # the bad line was not the last one
-                    raise bad
-                try:
-                    row_id, row = _parse_row(raw)
-                except ValueError as exc:
-                    bad = InputError(f"not a result row: {exc}", line=n, source=source)
-                    continue
-                done.setdefault(row_id, row)
+        fh = open(source, "rb")  # noqa: SIM115 - a missing file is no rows; closed below
     except FileNotFoundError:
-        return {}
-    return done
+        return
+    with fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            if bad is not None:  # the bad line was not the last one
+                raise bad
+            try:
+                row_id, row = _parse_row(raw)
+            except ValueError as exc:
+                bad = InputError(f"not a result row: {exc}", line=n, source=source)
+                continue
+            yield row_id, row, raw
 
 
 def trim_partial_line(path: str | os.PathLike[str]) -> int:

@@ -1,27 +1,65 @@
-"""Running a job embedded: read what the output already answers, generate the rest through the
-same chunk runner as a worker, append each result as it comes, reorder once at the end."""
+"""Running a job embedded: read the input a window at a time, keep what the output already
+answers, generate the rest through the same chunk runner as a worker, and append each result in
+input order as it comes.  Memory does not grow with the input: the run holds one window of items
+(:data:`WINDOW`), the resume plan lives on disk (:mod:`worker.local.manifest`).
+
+Two passes over the input, both through the producer's one reader (:class:`EmbeddedInput`):
+
+1. every line is validated (a bad one stops the run before the model loads and before anything
+   is written), each item's digest decides whether the output's row for it may be kept, and the
+   output is cut down to the rows kept and the manifest rewritten (:func:`prepare_output`);
+2. window by window, the items without a row are run and their rows appended in input order.
+
+A fresh run's output is in input order all along; a resumed one holds the rows kept, then the new
+ones, and is merged into input order at the end (:func:`put_in_order`).  Killed anywhere, the same
+command resumes from what the output holds."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from worker.chunks import chunk_count, chunk_id, chunk_range, process_chunk
-from worker.core.identity import item_digest, job_context
+from worker.chunks import chunk_id, chunk_range, process_chunk
+from worker.core.identity import job_context
 from worker.core.jobstate import JobState
 from worker.core.logs import get_logger
-from worker.core.outputs import OutputFormat, check_output_path, read_done, row_count_field, trim_partial_line
+from worker.core.outputs import OutputFormat, check_output_path
 from worker.core.profiles import Profile
 from worker.core.schema import ChunkRef, Counts, Item, JobSpec
 from worker.core.settings import get_settings
 from worker.core.states import LoadMode
 from worker.core.throughput import Throughput, record_local
-from worker.local.manifest import plan_resume, rewrite_rows, write_manifest
+from worker.local.manifest import Resume, prepare_output, put_in_order
 from worker.local.store import WORKER, LocalStore
+
+WINDOW = 1024
+"""Items an embedded run reads and holds at a time (rounded up to whole chunks when it runs
+them): a few dozen chunks, far more than a micro-batch, so windows never starve the engine."""
+
+
+class EmbeddedInput(Protocol):
+    """A job to run embedded, as the producer builds it (:class:`producer.build.EmbeddedJob`):
+    this package never reads an input file itself."""
+
+    @property
+    def draft(self) -> JobSpec:
+        """The job's spec before its input is read (its id, options and source; total 0)."""
+
+    def windows(self, size: int) -> Iterator[list[Item]]:
+        """The whole input from its start, validated, ``size`` items at a time (each call reads
+        it again; the first bad line raises, naming line and field, unless ``skip_invalid``)."""
+
+    def spec(self) -> JobSpec:
+        """The complete spec, once :meth:`windows` read the input through."""
+
+    @property
+    def output_format(self) -> OutputFormat:
+        """The output's shape, once :meth:`windows` read the input through."""
 
 
 @dataclass
@@ -35,6 +73,8 @@ class EmbeddedReport:
     seconds: float
     mode: str
     output: Path
+    peak_held: int = 0
+    """The most input items the run held in memory at once (one window's)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,92 +88,113 @@ class EmbeddedReport:
             "tokens_per_second": round(self.completion_tokens / max(self.seconds, 1e-9), 2),
             "mode": self.mode,
             "output": str(self.output),
+            "peak_held": self.peak_held,
         }
 
 
 def run_embedded(
-    spec: JobSpec,
-    items: list[Item],
+    job: EmbeddedInput,
     output: Path,
     *,
     profile: Profile,
-    fmt: OutputFormat = "native",
     mode: LoadMode | str = LoadMode.AUTO,
     on_progress: Callable[[JobState], None] | None = None,
     max_attempts: int = 3,
+    window: int = WINDOW,
 ) -> EmbeddedReport:
-    """Generate every item whose answer ``output`` does not already hold, appending results as
-    they finish; the output ends in input order, one row per item.  ``profile`` is the job's
-    (``spec.profile``), as the caller loaded it: nothing here reads it again."""
+    """Generate every item whose answer ``output`` does not already hold, appending results in
+    input order as they finish; the output ends in input order, one row per item.  ``profile`` is
+    the job's (``spec.profile``), as the caller loaded it: nothing here reads it again."""
     started = time.monotonic()
-    log = get_logger(job=spec.job_id, worker=WORKER)
-    check_output_path(output, inputs=[spec.source] if spec.source else [])
-    context = job_context(profile, spec.defaults, spec.system_prompt)
-    digests = [(item, item_digest(item, context)) for item in items]
-    trim_partial_line(output)
-    plan = plan_resume(output, digests, fmt)
-    if plan.changed:
-        first = plan.changed[0]
+    draft = job.draft
+    log = get_logger(job=draft.job_id, worker=WORKER)
+    check_output_path(output, inputs=[draft.source] if draft.source else [])
+    context = job_context(profile, draft.defaults, draft.system_prompt)
+    resume = prepare_output(
+        output,
+        job.windows(window),
+        context,
+        output_format=lambda: job.output_format,
+        spec=job.spec,
+    )
+    spec, fmt = job.spec(), job.output_format
+    if resume.first_changed is not None:
+        first = resume.first_changed
         log.warning(
-            "regenerating_changed_items",
-            items=len(plan.changed),
-            first_line=first.line,
-            first_id=first.id,
+            "regenerating_changed_items", items=resume.changed, first_line=first.line, first_id=first.id
         )
-    rewrite_rows(output, items, plan.keep)  # only rows that answer this input's requests
-    write_manifest(output, fmt, spec.profile, spec.source or "", ((it.id, d) for it, d in digests))
-    done = {it.index: row_count_field(plan.keep[it.id]) for it in items if it.id in plan.keep}
     loaded_mode = "-"
-    with open(output, "a", encoding="utf-8") as out:
-        store = LocalStore(spec, items, out, fmt, done)
+    with contextlib.ExitStack() as stack:
+        stack.callback(resume.positions.close)
+        out = stack.enter_context(open(output, "a", encoding="utf-8"))
+        store = LocalStore(spec, out, fmt, resume.counts)
+        stack.callback(store.written.close)
         if on_progress:
             store.on_record = lambda: on_progress(store.state())
             on_progress(store.state())
-        if len(done) < len(items):
-            loaded_mode = _generate(spec, profile, items, store, mode, max_attempts)
-    rewrite_rows(output, items, read_done(output))
+        if resume.kept < spec.total:
+            loaded_mode = _generate(job, spec, profile, store, resume, mode, max_attempts, window)
+        out.close()
+        put_in_order(output, resume, store.written)  # a resumed run's new rows among the kept ones
     return EmbeddedReport(
-        total=len(items),
-        resumed=len(done),
-        changed=len(plan.changed),
-        generated=store.counts.finished - len(done),
+        total=spec.total,
+        resumed=resume.kept,
+        changed=resume.changed,
+        generated=store.counts.finished - resume.kept,
         counts=store.counts,
         completion_tokens=store.completion_tokens,
         seconds=time.monotonic() - started,
         mode=loaded_mode,
         output=output,
+        peak_held=max(resume.peak_held, store.peak_held),
     )
 
 
 def _generate(
+    job: EmbeddedInput,
     spec: JobSpec,
     profile: Profile,
-    items: list[Item],
     store: LocalStore,
+    resume: Resume,
     mode: LoadMode | str,
     max_attempts: int,
+    window: int,
 ) -> str:
-    """Load the model and run every chunk with something left to do; returns the mode used."""
+    """Load the model and run, window by window, every chunk with something left to do;
+    returns the mode used."""
     from worker.engine import build_engine
     from worker.model.loading import load_model
 
     loaded = load_model(profile, mode)
     engine = build_engine(loaded, worker=WORKER)
     started, tokens_before = time.monotonic(), store.completion_tokens
-    queue: deque[tuple[str, list[int]]] = deque(
-        (chunk_id(n), list(chunk_range(n, len(items), spec.chunk_size)))
-        for n in range(chunk_count(len(items), spec.chunk_size))
-    )
+    size = spec.chunk_size
+    kept = iter(resume.positions)
+    next_kept = next(kept, None)
+    queue: deque[tuple[str, list[int]]] = deque()
 
     def publish(_spec: JobSpec, children: dict[str, list[int]]) -> None:
         queue.extendleft(reversed(list(children.items())))
 
-    while queue:
-        cid, indices = queue.popleft()
-        if not store.pending_indices(spec.job_id, indices):
+    for items in job.windows(-(-window // size) * size):  # whole chunks: their ids are the job's
+        first, end = items[0].index, items[-1].index + 1
+        done: list[int] = []
+        while next_kept is not None and next_kept < end:
+            done.append(next_kept)
+            next_kept = next(kept, None)
+        if len(done) == len(items):
             continue
-        ref = ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=indices)
-        process_chunk(store, engine, ref, worker=WORKER, max_attempts=max_attempts, publish=publish)
+        store.open_window(items, done)
+        queue.extend(
+            (chunk_id(n), list(chunk_range(n, end, size))) for n in range(first // size, -(-end // size))
+        )
+        while queue:
+            cid, indices = queue.popleft()
+            if not store.pending_indices(spec.job_id, indices):
+                continue
+            ref = ChunkRef(job_id=spec.job_id, chunk_id=cid, indices=indices)
+            process_chunk(store, engine, ref, worker=WORKER, max_attempts=max_attempts, publish=publish)
+        store.close_window()
     _record_speed(spec.profile, loaded, store.completion_tokens - tokens_before, time.monotonic() - started)
     return str(loaded.mode)
 

@@ -84,7 +84,7 @@ def message_ids(r: redis.Redis, queues: Sequence[str], backlogs: Sequence[str] =
     return ids
 
 
-def drain(r: redis.Redis, queues: Sequence[str], job_id: str) -> int:
+def remove_waiting(r: redis.Redis, queues: Sequence[str], job_id: str) -> int:
     """Remove the waiting messages of ``job_id`` from ``queues``; returns how many.  Messages a
     worker holds are left to it: it finds the job gone and drops them."""
     prefix = f"{job_id}:"
@@ -110,4 +110,4 @@ def withdraw(store: Dispatcher, spec: JobSpec) -> int:
     Messages a worker holds are left to it: it finds the job ended or gone and drops them."""
     queues = job_queues(spec)
     store.forget_backlog(spec.job_id, queues, inc=spec.incarnation)
-    return drain(store.r, queues, spec.job_id)
+    return remove_waiting(store.r, queues, spec.job_id)
