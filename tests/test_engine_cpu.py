@@ -105,13 +105,15 @@ def test_fused_linear_is_bit_for_bit_the_separate_products() -> None:
     """Siblings reading one input share one packed weight: each gets exactly the numbers its own
     packed product gives, in any call order and with other inputs in between; their own packed
     weights are dropped (memory as before); ``fuse=False`` leaves every layer its own."""
-    from worker.engine.cpu import FusedLinear, PackedLinear, pack_linear_weights
+    from worker.engine.cpu import FusedLinear, PackedLinear, pack_linear_weights, prepare_cpu
 
     torch.manual_seed(0)
     fused, separate = _Siblings(), _Siblings()
     separate.load_state_dict(fused.state_dict())
     with torch.inference_mode():
-        if not pack_linear_weights(separate, fuse=False):
+        # what a worker with GENQ_FUSED_LINEAR=0 does
+        off = Settings(threads=torch.get_num_threads(), fused_linear=False)
+        if not prepare_cpu(separate, off).packed_layers:
             pytest.skip("this torch build has no oneDNN linear packing")
         assert pack_linear_weights(fused) == 5
         layers = [m for m in fused.modules() if isinstance(m, PackedLinear)]
@@ -167,7 +169,9 @@ def test_fused_linear_changes_no_token(tiny_profile) -> None:  # type: ignore[no
 
     FusedLinear.product = counted  # type: ignore[method-assign]
     try:
-        engine = build_engine(loaded, settings=Settings(threads=2), autotune=False, max_batch_size=4)
+        engine = build_engine(
+            loaded, settings=Settings(threads=2, fused_linear=True), autotune=False, max_batch_size=4
+        )
         items = [
             Item(index=i, id=str(i), prompt=p, params=GenParams(max_new_tokens=8))
             for i, p in enumerate(prompts)
