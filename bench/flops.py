@@ -119,13 +119,15 @@ def matmul_peak(seconds: float = 1.0) -> float:
 
 
 def packed_peak(model: Any, seconds: float = 1.0) -> float:
-    """Best fp32 FLOP/s of oneDNN's prepacked linear on each distinct linear shape of ``model`` at
-    :data:`PACKED_ROWS` rows (0 when this torch has no oneDNN packing)."""
+    """Best fp32 FLOP/s of oneDNN's prepacked linear on each distinct linear shape of ``model``
+    (and of its fused sibling products) at :data:`PACKED_ROWS` rows (0 when this torch has no
+    oneDNN packing)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return 0.0
     shapes = sorted(
         {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    )
+        | {(m.in_features, sum(m.fused.sizes)) for m in model.modules() if getattr(m, "fused", None)}
+    )  # the fused products' shapes too (worker.engine.cpu.FusedLinear): the engine runs those
     shapes = [s for s in shapes if s[1] < 16_000] or shapes  # the vocabulary projection aside
     best = 0.0
     budget = seconds / max(1, len(shapes) * len(PACKED_ROWS))

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: the engine's decode step on the benchmark model, profiled.
 
     python -m bench.step_profile [--json] [--rows 64] [--context 200] [--spread 0] [--steps 5]
-                                 [--attention span,chunks,rows] [--shuffle] [--threads N]
+                                 [--attention span,chunks,rows] [--fused on,off] [--shuffle]
+                                 [--threads N]
 
 Runs ``--steps`` decode steps of ``--rows`` rows over a slot cache holding ``--context`` tokens per
 row (the model set up as a worker sets it up: ``build_engine``), times them, then profiles as many
@@ -14,7 +15,9 @@ accounts for (Python and dispatch).
 random order).  Each decode attention of ``--attention`` is measured, interleaved, in one process:
 ``span`` (every row up to the longest row, one masked sdpa call per layer), ``chunks`` (runs of rows
 of similar length, each over its own span: :mod:`worker.engine.attention`, the engine's default),
-``rows`` (one call per row over exactly its keys).
+``rows`` (one call per row over exactly its keys).  ``--fused on,off`` measures each of them also
+with every linear layer's own product (``…/unfused``) beside the fused sibling products
+(:class:`worker.engine.cpu.FusedLinear`, the default), interleaved in the same way.
 """
 
 from __future__ import annotations
@@ -59,6 +62,29 @@ def row_lengths(rows: int, context: int, spread: float, *, shuffle: bool = False
     return out
 
 
+def fusion_switch(model: torch.nn.Module) -> Callable[[bool], None]:
+    """Switches ``model``'s fused sibling products on and off (each member gets its own packed
+    weight back while off; a benchmark's memory, not a worker's)."""
+    from worker.engine.cpu import PackedLinear
+
+    members = [
+        (m, m.fused, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()))
+        for m in model.modules()
+        if isinstance(m, PackedLinear) and m.fused is not None
+    ]
+
+    def switch(on: bool) -> None:
+        for m, group, own in members:
+            if on:
+                m.fused = group
+                m.__dict__.pop("packed_weight", None)
+            else:
+                m.fused = None
+                m.packed_weight = own
+
+    return switch
+
+
 def profiled_shares(step: Callable[[], None], steps: int) -> dict[str, float]:
     """Shares of ``steps`` calls of ``step``'s time per part (:data:`CATEGORIES`), from
     ``torch.profiler``; what no torch op accounts for is Python and dispatch."""
@@ -88,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--spread", type=float, default=0.0, help="Row lengths context·(1±S), evenly.")
     ap.add_argument("--shuffle", action="store_true", help="Rows in random order, not longest first.")
     ap.add_argument("--attention", default="chunks", help="Decode attentions to measure: span,chunks,rows.")
+    ap.add_argument(
+        "--fused", default="on", help="Fused sibling products: on, off, or on,off (both, interleaved)."
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
@@ -108,14 +137,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fwd, rows, vocab = engine.forward, args.rows, int(loaded.model.config.vocab_size)
     lengths = row_lengths(rows, args.context, args.spread, shuffle=args.shuffle)
     cache = SlotCache(rows, max(lengths) + 8)
-    variants = [v.strip() for v in args.attention.split(",") if v.strip()]
+    fusing = [f.strip() for f in args.fused.split(",") if f.strip()]
+    variants = [
+        v.strip() + ("" if f == "on" else "/unfused")
+        for f in fusing
+        for v in args.attention.split(",")
+        if v.strip()
+    ]
+    switch = fusion_switch(loaded.model) if "off" in fusing else None
 
     def step(variant: str) -> None:
+        attention, _, unfused = variant.partition("/")
+        if switch is not None:
+            switch(not unfused)
         cache.lengths = list(lengths)
         positions, visible = cache.begin_decode(rows)
-        if variant == "rows":
+        if attention == "rows":
             cache.chunks = live_chunks(cache.lengths[:rows], overhead=0)
-        fwd.live_span = variant != "span"
+        fwd.live_span = attention != "span"
         logits = fwd(torch.randint(0, vocab, (rows, 1)), visible, positions, cache)
         logits.argmax(dim=-1).tolist()
 

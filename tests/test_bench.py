@@ -305,11 +305,18 @@ def test_step_profile_smoke() -> None:
 
     result = step_profile.main(
         ["--tiny", "--rows", "4", "--context", "16", "--steps", "2", "--spread", "0.5",
-         "--attention", "span,chunks,rows"]
+         "--attention", "span,chunks,rows", "--fused", "on,off"]
     )  # fmt: skip
     assert result["step_ms"] > 0 and sum(result["shares"].values()) == pytest.approx(1, abs=0.01)
     assert result["shares"]["linear"] > 0 and result["shares"]["attention"] > 0
-    assert set(result["attention"]) == {"span", "chunks", "rows"}
+    assert set(result["attention"]) == {
+        "span",
+        "chunks",
+        "rows",
+        "span/unfused",
+        "chunks/unfused",
+        "rows/unfused",
+    }
     assert all(v["step_ms"] > 0 for v in result["attention"].values())
     assert step_profile.row_lengths(4, 16, 0.5) == [24, 19, 13, 8]  # longest first, mean 16
     assert result["live_fraction"] == round(64 / 96, 3)

@@ -85,3 +85,102 @@ def test_engine_constructor_changes_nothing_outside_the_engine(tiny_profile) -> 
         assert torch.get_num_threads() == 2 and packed_layers(loaded.model) > 0
     finally:
         torch.set_num_threads(before)
+
+
+class _Siblings(torch.nn.Module):
+    """An attention's query/key/value projections (with biases) and an MLP's gate/up (without):
+    the sibling groups :func:`worker.engine.cpu.fuse_linear_groups` looks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, n) for n in (64, 16, 16))
+        self.gate_proj = torch.nn.Linear(64, 96, bias=False)
+        self.up_proj = torch.nn.Linear(64, 96, bias=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x), self.up_proj(x)]
+
+
+def test_fused_linear_is_bit_for_bit_the_separate_products() -> None:
+    """Siblings reading one input share one packed weight: each gets exactly the numbers its own
+    packed product gives, in any call order and with other inputs in between; their own packed
+    weights are dropped (memory as before); ``fuse=False`` leaves every layer its own."""
+    from worker.engine.cpu import FusedLinear, PackedLinear, pack_linear_weights, prepare_cpu
+
+    torch.manual_seed(0)
+    fused, separate = _Siblings(), _Siblings()
+    separate.load_state_dict(fused.state_dict())
+    with torch.inference_mode():
+        # what a worker with GENQ_FUSED_LINEAR=0 does
+        off = Settings(threads=torch.get_num_threads(), fused_linear=False)
+        if not prepare_cpu(separate, off).packed_layers:
+            pytest.skip("this torch build has no oneDNN linear packing")
+        assert pack_linear_weights(fused) == 5
+        layers = [m for m in fused.modules() if isinstance(m, PackedLinear)]
+        assert all(isinstance(m.fused, FusedLinear) and "packed_weight" not in m.__dict__ for m in layers)
+        assert len({id(m.fused) for m in layers}) == 2  # q/k/v and gate/up
+        assert all(
+            m.fused is None and "packed_weight" in m.__dict__ for m in separate.modules() if m is not separate
+        )
+        x, y = torch.randn(7, 64), torch.randn(7, 64)
+        for got, want in zip(fused(x), separate(x), strict=True):
+            assert torch.equal(got, want)
+        # out of order, a member asked twice, another input in between
+        order = [fused.v_proj(x), fused.q_proj(y), fused.v_proj(x), fused.k_proj(y), fused.q_proj(y)]
+        want = [
+            separate.v_proj(x),
+            separate.q_proj(y),
+            separate.v_proj(x),
+            separate.k_proj(y),
+            separate.q_proj(y),
+        ]
+        for got, w in zip(order, want, strict=True):
+            assert torch.equal(got, w)
+
+
+def test_fused_linear_changes_no_token(tiny_profile) -> None:  # type: ignore[no-untyped-def]
+    """The tiny model with packed, fused siblings (what a worker runs) gives HF ``generate``'s
+    greedy tokens, with live-span attention on and off; and the fused products really ran."""
+    from worker.core.schema import GenParams, Item
+    from worker.engine.cpu import FusedLinear
+    from worker.model.loading import load_model
+
+    loaded = load_model(tiny_profile, "fp32")  # a model of its own: packing is not undone
+    prompts = ["the patient has a fever", "dose of aspirin", "a", "blood pressure was 140 / 90 mmHg ."]
+    tok, model = loaded.tokenizer, loaded.model
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")
+            out = model.generate(
+                **ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            want.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    before = torch.get_num_threads()
+    products = 0
+    real = FusedLinear.product
+
+    def counted(self, member, x):  # type: ignore[no-untyped-def]
+        nonlocal products
+        products += 1
+        return real(self, member, x)
+
+    FusedLinear.product = counted  # type: ignore[method-assign]
+    try:
+        engine = build_engine(
+            loaded, settings=Settings(threads=2, fused_linear=True), autotune=False, max_batch_size=4
+        )
+        items = [
+            Item(index=i, id=str(i), prompt=p, params=GenParams(max_new_tokens=8))
+            for i, p in enumerate(prompts)
+        ]
+        engine.rules.ignore_eos = True
+        for live in (True, False):
+            engine.forward.live_span = live
+            assert [r.text for r in engine.generate(items)] == want
+    finally:
+        FusedLinear.product = real  # type: ignore[method-assign]
+        torch.set_num_threads(before)
+    assert products > 0

@@ -119,6 +119,11 @@ class Settings(BaseModel):
     """Decode attention reads each row's keys up to its own length only (runs of rows of similar
     length per call: :mod:`worker.engine.attention`); off: every row up to the longest row's."""
 
+    fused_linear: bool = True
+    """On the CPU in fp32, sibling linear layers that read the same input (query/key/value, gate/up)
+    share one prepacked weight and one product (:class:`worker.engine.cpu.FusedLinear`); the same
+    numbers, fewer and wider products.  Off: one product per layer."""
+
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """``genq-worker start`` serves Prometheus metrics on ``http://0.0.0.0:PORT/metrics``
     (``--metrics-port`` overrides it).  Unset: no metrics server.  Needs ``--concurrency 1``."""

@@ -27,8 +27,11 @@ rows that leave the batch as soon as they finish, their place taken by the next 
   for decode steps (8–128 rows) on the machines measured (docs/BENCHMARKS.md).  Whether it also
   wins for prefill-sized products differs between CPUs (a Xeon: BLAS from ~512 rows; an EPYC:
   oneDNN at every size), so the crossover is measured once when the weights are packed.
-  Skipped when RAM is short.  The worker applies this (and torch's thread count) explicitly, in
-  :func:`build_engine`; the engine's constructor changes nothing outside the engine.
+  Skipped when RAM is short.  Sibling layers that read the same input (query/key/value, gate/up)
+  share one packed weight and one product (:class:`worker.engine.cpu.FusedLinear`, bit-for-bit the
+  separate products; ``GENQ_FUSED_LINEAR=0``: off).  The worker applies this (and torch's thread
+  count) explicitly, in :func:`build_engine`; the engine's constructor changes nothing outside the
+  engine.
 * ``max_batch_size: auto`` is measured once per model, mode and machine by :meth:`Engine.autotune`
   (a few decode steps per candidate size, cached under ``GENQ_HOME``).
 * Greedy rows take the argmax.  Sampled rows draw from their own ``torch.Generator`` seeded by the
@@ -52,7 +55,7 @@ prefix         finding shared prefixes, keeping their keys and values
 padded         the plain left-padded loop for models the slot cache does not fit
 autotune       the batch-size search (pure), decode timing and its JSON cache
 memory         recognising out-of-memory errors
-cpu            packed linear weights, thread count (applied by :func:`build_engine`, not the engine)
+cpu            packed linear weights, fused sibling products, thread count (by :func:`build_engine`)
 faults         TEST ONLY fault injection, installed by :func:`build_engine` when a switch is set
 build          :func:`build_engine`: the engine a worker runs
 constraints    JSON schemas enforced while decoding: llguidance matchers per row, masks per batch

@@ -29,6 +29,9 @@ PACKED_MAX_ROWS = 256
 measured (:func:`packed_crossover`); the crossover measured on a Xeon was 256–512."""
 PACKED_PROBE_ROWS = (512, 1024, 2048)
 """Row counts at which :func:`packed_crossover` times the prepacked weight against BLAS."""
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linear layers (attribute names of one module) that read the same input in the model
+families the engine serves (Llama, Qwen2, Mistral …): each group shares one product."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,10 @@ class CpuSetup:
 
 def prepare_cpu(model: torch.nn.Module, settings: Settings) -> CpuSetup:
     """Set torch's threads and pack ``model``'s linear weights (see the module's notes)."""
-    return CpuSetup(threads=configure_threads(settings), packed_layers=pack_linear_weights(model))
+    return CpuSetup(
+        threads=configure_threads(settings),
+        packed_layers=pack_linear_weights(model, fuse=settings.fused_linear),
+    )
 
 
 def physical_cores() -> int:
@@ -92,8 +98,11 @@ class PackedLinear(torch.nn.Linear):
     """
 
     packed_weight: torch.Tensor
+    """The prepacked weight (absent while the layer's product is part of ``fused``)."""
     packed_max_rows: int = PACKED_MAX_ROWS
     """Products of up to this many rows use ``packed_weight`` (see :func:`packed_crossover`)."""
+    fused: FusedLinear | None = None
+    """The group whose one product this layer's is part of (:class:`FusedLinear`), if any."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -101,8 +110,68 @@ class PackedLinear(torch.nn.Linear):
             and x.dtype == torch.float32
             and x.device.type == "cpu"
         ):
+            if self.fused is not None:
+                return self.fused.product(self, x)
             return linear_pointwise(x.contiguous(), self.packed_weight, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class FusedLinear:
+    """Packed linear layers that read the same input, computed as one product.
+
+    The layers' weights (and biases; a missing bias is zeros) side by side in one prepacked weight.
+    A member called with an input computes the product of every member and keeps the others'
+    columns until they are asked for with that same input (the same tensor object): a layer's
+    query, key and value projections, called one after the other on its hidden states, cost one
+    product.  A member called with any other input computes the product afresh, so the result is
+    right whatever the call order; bit for bit what separate products give (each output column is
+    the same dot product).  The members' own packed weights are dropped: memory stays as it was."""
+
+    def __init__(self, members: Sequence[PackedLinear]) -> None:
+        self.members = list(members)
+        weight = torch.cat([m.weight.detach() for m in members])
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.bias: torch.Tensor | None = None
+        if any(m.bias is not None for m in members):
+            self.bias = torch.cat(
+                [
+                    m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                    for m in members
+                ]
+            )
+        self.sizes = [m.out_features for m in members]
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+        """The columns of the last product not taken yet, by member (``id``)."""
+
+    def product(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        key = id(member)
+        if x is not self._input or key not in self._pending:
+            out = linear_pointwise(x.contiguous(), self.packed_weight, self.bias)
+            self._pending = {id(m): y for m, y in zip(self.members, out.split(self.sizes, -1), strict=True)}
+            self._input = x
+        taken = self._pending.pop(key)
+        if not self._pending:
+            self._input = None  # every member served: hold no activations between passes
+        return taken
+
+
+def fuse_linear_groups(model: torch.nn.Module) -> int:
+    """Give each group of :data:`FUSED_GROUPS` whose members are packed, of one input size, on the
+    products' path, one :class:`FusedLinear`; returns how many groups were fused."""
+    fused = 0
+    for module in model.modules():
+        for names in FUSED_GROUPS:
+            members = [getattr(module, n, None) for n in names]
+            layers = [m for m in members if isinstance(m, PackedLinear) and m.fused is None]
+            if len(layers) != len(names) or len({(m.in_features, m.packed_max_rows) for m in layers}) != 1:
+                continue
+            group = FusedLinear(layers)
+            for m in layers:
+                m.fused = group
+                del m.packed_weight
+            fused += 1
+    return fused
 
 
 def packed_layers(model: torch.nn.Module) -> int:
@@ -110,8 +179,10 @@ def packed_layers(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, PackedLinear))
 
 
-def pack_linear_weights(model: torch.nn.Module, *, min_free_fraction: float = 0.5) -> int:
-    """Give every plain fp32 ``nn.Linear`` on the CPU a prepacked weight (see :class:`PackedLinear`).
+def pack_linear_weights(model: torch.nn.Module, *, min_free_fraction: float = 0.5, fuse: bool = True) -> int:
+    """Give every plain fp32 ``nn.Linear`` on the CPU a prepacked weight (see :class:`PackedLinear`),
+    and (``fuse``) one shared weight to each group of siblings reading the same input
+    (:func:`fuse_linear_groups`).
 
     Idempotent; returns how many layers are packed.  Skipped (0) when oneDNN is missing, when the
     copies would take more than ``min_free_fraction`` of the available RAM, or when the packed
@@ -150,11 +221,13 @@ def pack_linear_weights(model: torch.nn.Module, *, min_free_fraction: float = 0.
             crossover = packed_crossover(_typical(layers))
             for layer in layers:
                 layer.packed_max_rows = crossover
-            log.info("linear_packed", layers=len(targets), packed_max_rows=crossover)
+            groups = fuse_linear_groups(model) if fuse else 0
+            log.info("linear_packed", layers=len(targets), packed_max_rows=crossover, fused_groups=groups)
     except RuntimeError as exc:  # an op missing from this torch build
         for module in targets:
             if isinstance(module, PackedLinear):
-                del module.packed_weight
+                module.__dict__.pop("packed_weight", None)
+                module.__dict__.pop("fused", None)
                 module.__class__ = torch.nn.Linear  # type: ignore[assignment]
         log.warning("linear_packing_failed", error=str(exc)[:200])
         return 0
