@@ -69,8 +69,8 @@ from worker.queue.routing import queue_name, worker_queues
 from worker.queue.task import serve
 from worker.runtime import Runtime
 from worker.store import RedisStore
-from worker.store.dispatch import ring_entry
 from worker.store import blocks as input_blocks
+from worker.store.dispatch import ring_entry
 from worker.store.keys import all_job_keys, backlog_key, job_key, job_keys, ring_key
 
 PROFILE = "tiny-random"
