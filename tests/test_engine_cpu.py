@@ -62,6 +62,20 @@ def test_packed_crossover_is_measured_per_size() -> None:
 
     probes = (512, 1024, 2048)
     assert packed_crossover(layer, probes, timer=clock(1024)) == 1024
+    # BLAS ahead by less than the margin, or in one disturbed timing only: the packed range goes on
+    script = {  # (rows, packed?): the timings in the order they are taken
+        (512, True): [1.00] * 3,
+        (512, False): [0.98] * 3,
+        (1024, True): [3.0, 1.0, 1.0],
+        (1024, False): [2.0] * 3,
+        (2048, True): [1.0] * 3,
+        (2048, False): [2.0] * 3,
+    }
+
+    def scripted(fn) -> float:  # type: ignore[no-untyped-def]
+        return script[(fn().shape[0], "packed" in fn.__name__)].pop(0)
+
+    assert packed_crossover(layer, probes, timer=scripted) > 2048
     assert packed_crossover(layer, probes, timer=clock(0)) == PACKED_MAX_ROWS
     assert packed_crossover(layer, probes, timer=clock(10**9)) > 2048
     assert packed_crossover(layer, probes) >= PACKED_MAX_ROWS  # the real clock
