@@ -335,17 +335,10 @@ class Client:
     def _delete(self, job_id: str, *, older_than: float | None) -> Deleted | None:
         """:meth:`delete`; with ``older_than`` (prune) only when the job is still prunable in the
         step that deletes it (None when it no longer is)."""
-        from worker.queue.messages import withdraw
-
-        try:
-            spec: JobSpec | None = self.store.spec(job_id)
-        except (JobNotFound, ValueError):  # no such job, or a spec this genq cannot read: no
-            spec = None  # queues to drain.  A Redis outage raises: it is not "no such job"
-        backlog = self.store.backlog_length(job_id)
-        keys = self.store.delete(job_id, older_than=older_than)
+        keys, messages = self.store.delete(job_id, older_than=older_than)  # one step (delete.lua)
         if keys < 0:
             return None
-        return Deleted(job_id, keys, backlog + (withdraw(self.store, spec) if spec else 0))
+        return Deleted(job_id, keys, messages)
 
     def withdraw(self, job_id: str) -> int:
         """Withdraw the job from the queues: its place in the rings and its messages waiting on

@@ -646,3 +646,22 @@ def test_a_ring_entry_of_a_lapsed_incarnation_never_serves_its_id_submitted_agai
     store.dispatch([FP32])
     assert r.llen(FP32) == 0 and store.ring_entries(FP32) == []  # nothing of the nf4 job on fp32
     assert store.backlog_length("m2") == 1 and r.llen(NF4) == 2
+
+
+def test_the_step_that_deletes_a_job_takes_it_off_the_queues_and_a_new_submit_keeps_its_own(
+    server: RedisServer, client: Client
+) -> None:
+    """Delete is one step (delete.lua): the job's keys, its ring entry, its backlog and its messages
+    waiting on the broker queues go together, so a submit of the id that lands right after it
+    (before any later cleanup could run) never loses its own backlog or messages to the delete."""
+    r = server.client()
+    store = RedisStore(server.url)
+    client.submit(records(5), profile=PROFILE, job_id="d1", chunk_size=1, mode="fp32")
+    assert len(message_refs(r, "d1", FP32)) == 5 and r.llen(FP32) == 2  # 2 queued, 3 in the backlog
+    keys, waiting = store.delete("d1")  # the store's step alone: nothing done after it
+    assert keys > 0 and waiting == 5
+    assert message_refs(r, "d1", FP32) == [] and store.ring_entries(FP32) == [] and job_keys(r, "d1") == []
+    client.submit(records(3), profile=PROFILE, job_id="d1", chunk_size=1, mode="fp32")
+    new = store.spec("d1").incarnation
+    assert len(message_refs(r, "d1", FP32)) == 3 and r.llen(FP32) == 2
+    assert store.ring_entries(FP32) == [("d1", new)]

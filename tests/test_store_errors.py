@@ -15,7 +15,7 @@ from tests.helpers import RedisServer, free_port, genq, write_prompts
 from worker.core.settings import Settings
 from worker.queue.exporter import serve
 from worker.store import RedisStore
-from worker.store.keys import job_key
+from worker.store.keys import backlog_key, job_key
 
 PROFILE = "tiny-random"
 
@@ -62,8 +62,9 @@ def test_exporter_reports_redis_memory_and_nothing_but_store_up_when_redis_is_go
 def test_delete_refused_by_redis_is_an_error_not_no_such_job(
     redis_server: RedisServer, tmp_path: object
 ) -> None:
-    """A Redis that fails the spec read (here: an ACL that refuses HGET) makes `delete` raise and
-    leaves the job whole; it never drops the job's keys without draining its queued messages."""
+    """A Redis that fails a read of the delete's step (here: an ACL that refuses HMGET) makes
+    `delete` raise and leaves the job whole, its backlog and queued messages included; it never
+    drops the job's keys without withdrawing its queued messages."""
     from pathlib import Path
 
     job = genq(
@@ -75,13 +76,15 @@ def test_delete_refused_by_redis_is_an_error_not_no_such_job(
     ).stdout.strip()
     r = redis_server.client()
     r.acl_setuser(
-        "nohget", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-hget"]
+        "nohget", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-hmget"]
     )
     port = redis_server.port
     refused = Client(f"redis://nohget:pw@127.0.0.1:{port}/0", retry_seconds=1)
-    with pytest.raises(redis.exceptions.NoPermissionError):
-        refused.delete(job)
-    assert r.exists(job_key(job))
+    waiting = r.llen(backlog_key(job))
+    assert waiting > 0  # an any job's chunks wait in its backlog until a worker dispatches them
+    with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+        refused.delete(job)  # the one step that deletes and withdraws stops before any write
+    assert r.exists(job_key(job)) and r.llen(backlog_key(job)) == waiting
     gone = Client(redis_server.url).delete(job)
     assert gone.keys > 0 and gone.messages > 0 and not r.exists(job_key(job))
 

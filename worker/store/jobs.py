@@ -148,14 +148,19 @@ class JobStore(ChunkRecords):
 
     # --- housekeeping ----------------------------------------------------------------------------
 
-    def delete(self, job_id: str, *, inc: str = "", older_than: float | None = None) -> int:
-        """Remove every key of the job and its index entry; returns how many keys existed (-1:
-        refused, nothing changed).  ``inc``: only that incarnation.  ``older_than`` (prune): only
-        a job that is still prunable, checked in the same step (``lua/delete.lua``)."""
+    def delete(self, job_id: str, *, inc: str = "", older_than: float | None = None) -> tuple[int, int]:
+        """Remove every key of the job and its index entry, and take it out of the queues in the
+        same step; returns how many keys existed (-1: refused, nothing changed) and how many of
+        its messages were waiting (its backlog and the broker queues).  ``inc``: only that
+        incarnation.  ``older_than`` (prune): only a job that is still prunable, checked in the
+        same step (``lua/delete.lua``)."""
         event = Event.DELETE if older_than is None else Event.PRUNE
         cutoff = "" if older_than is None else time.time() - older_than
         keys = [*all_job_keys(job_id), JOBS_INDEX]
-        return int(self._script("delete", keys, [inc, allowed_arg(event), job_id, cutoff]))
+        reply = self._script("delete", keys, [inc, allowed_arg(event), job_id, cutoff])
+        if not isinstance(reply, list):
+            return int(reply), 0
+        return int(reply[0]), int(reply[1])
 
     def prunable(self, older_than: float, *, now: float | None = None) -> list[JobState]:
         """Finished jobs that ended, and partial jobs last touched, more than ``older_than``

@@ -3,7 +3,11 @@
 -- still as old and as idle as when it was listed.
 -- KEYS: the job's hash, its other keys (submit lock last), the jobs index
 -- ARGV: inc ('' : any), allowed statuses, job id, cutoff ('' : none)
--- Returns how many keys existed, or -1 when refused (nothing changed).
+-- The job leaves the queues in the same step (withdraw, guard.lua: its backlog, ring entries and
+-- messages waiting on the broker queues), so a submit of the id that follows can never lose its
+-- own backlog or messages to this delete.
+-- Returns {how many keys existed, how many waiting messages went (backlog and queues)}, or -1
+-- when refused (nothing changed).
 local job, lock, index = KEYS[1], KEYS[#KEYS - 1], KEYS[#KEYS]
 local s = redis.call('HMGET', job, 'status', 'inc', 'finished_at', 'updated_at', 'created_at')
 if s[1] then
@@ -18,7 +22,9 @@ if s[1] then
     end
   end
 end
+local waiting = 0
+if s[1] then waiting = redis.call('LLEN', job .. ':backlog') + withdraw(job) end
 local n = 0
 for k = 1, #KEYS - 1 do n = n + redis.call('DEL', KEYS[k]) end
 redis.call('ZREM', index, ARGV[3])
-return n
+return {n, waiting}

@@ -24,12 +24,14 @@ end
 -- (kombu's unacked) are left to it.  Every incarnation's messages of the id go: an older one's are
 -- dropped by whoever takes them anyway.  Returns how many queued messages were removed.
 local function withdraw(job)
+  -- reads first: a script stopped by an error (an ACL refusing a command) has written nothing
+  local h = redis.call('HMGET', job, 'route', 'inc')
   redis.call('DEL', job .. ':backlog')
-  local raw = redis.call('HGET', job, 'route')
+  local raw = h[1]
   if not raw then return 0 end
   local route = cjson.decode(raw)
   local prefix = route.id .. ':'
-  local entry = route.id .. '@' .. (redis.call('HGET', job, 'inc') or '')
+  local entry = route.id .. '@' .. (h[2] or '')
   for _, ring in ipairs(route.rings) do
     redis.call('LREM', ring, 0, entry)
   end
