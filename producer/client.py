@@ -351,11 +351,6 @@ class Client:
         except JobNotFound:
             return 0
 
-    def drain(self, job_id: str) -> int:
-        """Deprecated: :meth:`withdraw` (the old name; "drain" is what `genq collect --follow` does to
-        results)."""
-        return self.withdraw(job_id)
-
     def prune(self, older_than: float, *, dry_run: bool = False) -> list[JobState]:
         """Delete jobs that finished (or partial jobs last touched) more than ``older_than``
         seconds ago; returns them (a job that changed since it was listed is left alone)."""

@@ -513,7 +513,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self.r.delete(*doomed)
         elif what == "expire":
             if self.client.store.expire_if_due(job, now=time.time() + 1e7):
-                self.client.drain(job)
+                self.client.withdraw(job)
         else:
             self.deliver("fp32", None)
             self.deliver("nf4", None)
@@ -691,7 +691,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         # what Job.status does when the deadline has passed (with the clock's time)
         if self.client.store.expire_if_due(job, now=time.time() + self.clock):
-            self.client.drain(job)
+            self.client.withdraw(job)
 
     @rule(job=st.sampled_from(JOBS))
     def lapse(self, job: str) -> None:
