@@ -69,3 +69,23 @@ def one_row_profile(folder: Path, name: str = "tiny-rows1") -> Path:
     assert f"name: {name}" in text and "max_batch_size: 1 " in text
     (configs / f"{name}.yaml").write_text(text)
     return configs
+
+
+def hf_greedy(model: Any, tok: Any, prompts: Sequence[str], new_tokens: int) -> list[str]:
+    """HF ``generate``'s greedy answers, one prompt at a time, exactly ``new_tokens`` each (EOS
+    ignored): the reference the engine's tokens must equal."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").to(model.device)
+            gen = model.generate(
+                **ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import hf_greedy
 from worker.core.settings import Settings
 from worker.engine import PACKED_MAX_ROWS, Engine, build_engine
 
@@ -162,14 +163,7 @@ def test_fused_linear_changes_no_token(tiny_profile) -> None:  # type: ignore[no
     loaded = load_model(tiny_profile, "fp32")  # a model of its own: packing is not undone
     prompts = ["the patient has a fever", "dose of aspirin", "a", "blood pressure was 140 / 90 mmHg ."]
     tok, model = loaded.tokenizer, loaded.model
-    want = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")
-            out = model.generate(
-                **ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-            want.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    want = hf_greedy(model, tok, prompts, 8)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     before = torch.get_num_threads()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import hf_greedy
 from worker.core.schema import GenParams, Item
 from worker.engine import Engine
 from worker.engine.forward import input_device, module_device
@@ -93,13 +94,5 @@ def test_engine_runs_a_model_with_an_offloaded_layer(loaded_fp32, tmp_path: Path
         Item(index=i, id=str(i), prompt=p, params=GenParams(max_new_tokens=6)) for i, p in enumerate(prompts)
     ]
     got = [r.text for r in engine.generate(items)]
-    tok = loaded.tokenizer
-    want = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")
-            out = model.generate(
-                **ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-            want.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    want = hf_greedy(model, loaded.tokenizer, prompts, 6)
     assert got == want

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import hf_greedy
+
 pytestmark = pytest.mark.gpu
 
 
@@ -71,22 +73,7 @@ def _slot_devices(engine):  # type: ignore[no-untyped-def]
 
 
 def _hf_greedy(loaded, prompts: list[str], new_tokens: int) -> list[str]:  # type: ignore[no-untyped-def]
-    import torch
-
-    tok, model = loaded.tokenizer, loaded.model
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt").to(model.device)
-            gen = model.generate(
-                **ids,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )
-            out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
-    return out
+    return hf_greedy(loaded.model, loaded.tokenizer, prompts, new_tokens)
 
 
 PROMPTS = ["fever", "the patient has a cough since monday", "dose of aspirin for an adult ?", "a"]
