@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from producer import interrupts
 from worker.core.errors import GenqError, InputError
 from worker.core.schema import GenParams
 
@@ -24,7 +25,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with interrupts.catching():
+                return fn(*args, **kwargs)
         except GenqError as exc:
             click.echo(f"genq: error: {exc.message}", err=True)
             sys.exit(2)

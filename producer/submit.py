@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from producer import interrupts
 from producer.build import JobBuilder, Source
 from producer.options import SubmitOptions, option_difference
 from worker.chunks import chunk_count, chunk_id, chunk_range
@@ -126,6 +127,7 @@ class Submitter:
         invalid: list[Item] = []
         reading = self._builder(source).read()  # validated and added to the job's digest
         for part in reading.pages(PAGE):
+            interrupts.check()  # a Ctrl-C a finalizer swallowed stops the submit here
             rows = part.rows
             if partial:  # an interrupted submit of this id stored some inputs: they must be ours
                 differs = self.store.differing_input(spec.job_id, rows)
@@ -182,6 +184,7 @@ class Submitter:
         enqueued = 0
         count = chunk_count(spec.total, spec.chunk_size)
         for start in range(0, count, PAGE):
+            interrupts.check()
             numbers = list(range(start, min(start + PAGE, count)))
             won = set(self.store.claim(spec.job_id, numbers, inc=spec.incarnation))
             todo: dict[str, list[int]] = {}
