@@ -379,6 +379,42 @@ def test_redis_restart_mid_job_worker_and_producer_reconnect(
     assert int(r.hget("genq:job:restart-1:workers", "steady:items") or 0) == 200
 
 
+def test_a_lost_message_is_published_again_once_the_job_is_quiet(
+    redis_server: RedisServer, tmp_path: Path, master: Path, reference: dict[str, str]
+) -> None:
+    """A chunk message that is nowhere (kombu takes a message off its queue before it records it
+    unacknowledged: a Redis or worker stopped between the two loses it; here removed by hand from
+    the job's backlog before any worker ran): once the job has gone quiet for
+    ``GENQ_RECOVERY_SECONDS`` the running worker publishes its items again as a new chunk, and
+    the job completes with each item once.  Without the look (``GENQ_RECOVERY_SECONDS=0``) the job
+    stays at 8 of 12 for good."""
+    r = redis_server.client()
+    job = submit(
+        redis_server.url, take(master, 12, tmp_path / "in.jsonl"), "--chunk-size", "4", "--job-id", "lost-1"
+    )
+    backlog = f"genq:job:{job}:backlog"
+    lost = next(m for m in r.lrange(backlog, 0, -1) if '"lost-1:c000001@' in m)
+    assert r.lrem(backlog, 1, lost) == 1
+    env = {**FAST, "GENQ_RECOVERY_SECONDS": "3", "GENQ_HEARTBEAT_INTERVAL": "1"}
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", name="finder", env=env).start()
+    try:
+        wait_for(lambda: job_counts(r, job)["succeeded"] == 8, timeout=120, what="the two other chunks")
+        quiet_from = time.time()
+        assert wait_final(r, job, timeout=60) == "completed"
+        took = time.time() - quiet_from
+    finally:
+        worker.stop()
+    found = log_events(worker.log_path, "lost_chunks_published", job=job)
+    assert len(found) == 1 and found[0]["items"] == 4, found
+    chunks = r.hgetall(f"genq:job:{job}:chunks")
+    assert [json.loads(chunks[c]) for c in found[0]["chunks"]] == [[4, 5, 6, 7]]  # type: ignore[union-attr]
+    # quiet for GENQ_RECOVERY_SECONDS, seen by a heartbeat (1 s) twice, then one chunk's run
+    assert took < 3 + 2 * 1 + 15, took
+    assert job_counts(r, job) == stored("completed", total=12, succeeded=12)
+    got, _ = collect(redis_server.url, job, tmp_path / "out.jsonl")
+    assert_exactly_once_ok(got, 12, reference)
+
+
 # --- SIGTERM ----------------------------------------------------------------------------------------
 
 

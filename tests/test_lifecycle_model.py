@@ -48,7 +48,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -63,6 +63,7 @@ from worker.core.errors import GenqError, JobConflict, JobNotFound, ShutdownRequ
 from worker.core.schema import ChunkRef, ErrorInfo, GenParams, Item, ItemResult, JobSpec, Usage, error_result
 from worker.core.settings import Settings
 from worker.core.states import ErrorCode, FinishReason, ItemStatus, JobStatus, Mode, Priority, QueueMode
+from worker.queue import recovery
 from worker.queue import task as worker_task
 from worker.queue.messages import job_queues
 from worker.queue.routing import queue_name, worker_queues
@@ -313,10 +314,14 @@ class ModelJob:
     """Its submit finished (else it was ended or is still partial: fewer items may be stored)."""
     final: str | None = None
     """The final status last seen (a final job stays final; retry may reopen ``completed`` only)."""
+    lost: set[int] = field(default_factory=set)
+    """Items of messages lost outright (:meth:`LifecycleMachine.lose`) that no look for lost
+    messages has found yet: the one stall allowed."""
 
     def gone(self) -> None:
         """The job id has no job now (deleted, pruned, lapsed): its next submit starts afresh."""
         self.present, self.partial, self.complete, self.final = False, False, False, None
+        self.lost = set()
 
 
 @dataclass
@@ -783,6 +788,48 @@ class LifecycleMachine(RuleBasedStateMachine):
     def heartbeat(self, mode: str) -> None:
         self.workers[Mode(mode)].runtime.beat()
 
+    @rule(first=st.integers(0, len(QUEUES) - 1))
+    def lose(self, first: int) -> None:
+        """kombu's delivery window: a worker takes a message off a queue (``BRPOP``) and stops, or
+        Redis does, before it records the message unacknowledged.  The message is nowhere."""
+        for queue in QUEUES[first:] + QUEUES[:first]:
+            raw = self.r.rpop(queue)
+            if raw is None:
+                continue
+            msg = _decode(json.loads(raw), queue)
+            self.orphans.discard(msg.task_id)
+            if self.r.hget(job_key(msg.job_id), "inc") == msg.inc:
+                self.model[msg.job_id].lost |= set(msg.indices)
+            return
+
+    @rule()
+    def recover(self) -> None:
+        """The fleet's look for lost messages (:mod:`worker.queue.recovery`), twice, as when a
+        job stayed quiet for ``GENQ_RECOVERY_SECONDS``: it publishes pending items no message
+        covers, and only those."""
+        snap = snapshot(self.r)
+        store = self.workers[Mode.FP32].runtime.store
+        recovery.recover_lost(store, quiet_for=0.0)  # the first look notes what it saw
+        for done in recovery.recover_lost(store, quiet_for=0.0):
+            job = done.job_id
+            inc = snap.jobs[job].get("inc", "")
+            waiting = {i for x in snap.messages if x.job_id == job and x.inc == inc for i in x.indices}
+            again = sorted(
+                {i for idx in done.chunks.values() for i in idx}
+                & (waiting | set(map(int, snap.results[job])))
+            )
+            expect(
+                "recover-precise",
+                not again,
+                f"{job}: items {again} published again had a message or a result",
+            )
+        after = snapshot(self.r)
+        for job in JOBS:
+            raw = after.jobs[job]
+            quiet = raw.get("status") in (JobStatus.QUEUED, JobStatus.IN_PROGRESS) and not after.running[job]
+            if quiet and not any(x.where == f"backlog:{job}" for x in after.messages):
+                self.model[job].lost = set()  # looked at: nothing may stall now
+
     @rule(on=st.booleans())
     def flaky(self, on: bool) -> None:
         for worker in self.workers.values():
@@ -941,7 +988,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if msg.where.startswith("backlog:") and not in_ring:
                 continue
             covered |= set(msg.indices)
-        stuck = sorted(set(range(total)) - done - covered)
+        stuck = sorted(set(range(total)) - done - covered - self.model[job].lost)
         expect("stall", not stuck, f"{job} stalls: items {stuck} pending and no message can run them")
 
 

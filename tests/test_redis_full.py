@@ -107,3 +107,44 @@ def test_a_worker_that_starts_against_a_full_redis_waits_quietly(
         assert int(r.hget(f"genq:job:{job}", "succeeded") or 0) == 48
     finally:
         worker.stop()
+
+
+def test_a_lease_renewal_and_the_heartbeat_at_maxmemory_speak_only_through_the_notice(
+    redis_server: RedisServer,
+) -> None:
+    """The renewal of a running chunk's lease and the heartbeat's hooks (the look for lost
+    messages writes its lock each period) meet the full Redis too: they say so through the one
+    notice, not with a ``lease_renewal_failed`` or ``heartbeat_hook_failed`` line each time (CI
+    once saw a renewal's warning beside the notice, while the handed-back chunk waited for room)."""
+    import functools
+
+    from structlog.testing import capture_logs
+
+    from worker.core.logs import get_logger
+    from worker.core.settings import Settings
+    from worker.queue.leases import LeaseKeeper
+    from worker.queue.messages import UNACKED_INDEX
+    from worker.queue.recovery import recovery_hook
+    from worker.runtime import Runtime
+    from worker.store.memory import full_notice
+
+    r = redis_server.client()
+    r.zadd(UNACKED_INDEX, {"tag-1": time.time()})
+    notice = full_notice()
+    notice.owner, notice._last = None, -float("inf")
+    get_logger()  # genq's logging set up first: capture_logs replaces its processors
+    with capture_logs() as logs:
+        runtime = Runtime(Settings.from_env({"GENQ_BROKER_URL": redis_server.url}), name="w-full")
+        runtime.beat_hooks.append(functools.partial(recovery_hook, runtime))
+        keeper = LeaseKeeper(runtime)
+        with keeper.hold("tag-1", "j1", "c000000"):
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) - 100_000))
+            try:
+                for _ in range(3):
+                    keeper.renew()
+                    runtime.beat()
+            finally:
+                r.config_set("maxmemory", "0")
+    loud = [e["event"] for e in logs if e.get("log_level") in ("warning", "error", "critical")]
+    assert loud == ["redis_maxmemory"], logs

@@ -217,6 +217,11 @@ class Runtime:
             try:
                 hook()
             except Exception as exc:  # nor must what runs with it
+                from worker.store.memory import full_notice, is_full
+
+                if is_full(exc):  # the same one line a minute
+                    full_notice().report(self.store.r, self.store.url_display, self.log, exc)
+                    continue
                 name = getattr(getattr(hook, "func", hook), "__name__", "?")
                 self.log.warning("heartbeat_hook_failed", hook=name, error=str(exc)[:200])
 

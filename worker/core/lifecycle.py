@@ -53,6 +53,7 @@ class Event(StrEnum):
     WASTE = "waste counted"
     DRAIN = "results drained"
     FOLLOW_LEASE = "follower lease"
+    RECOVER = "lost message recovered"
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,22 @@ def _fleet_row(state: str) -> dict[Event, Entry]:
                 "each result durable in the collector's output is marked in `drained` and leaves Redis "
                 "(an error moves to `drained_errors`, its input kept for retry); a result changed since "
                 "it was read stays",
+            )
+        ),
+        recover=(
+            _same(
+                state,
+                "the job is quiet (pending items, empty backlog, nothing running, counts unmoved for "
+                "GENQ_RECOVERY_SECONDS) and some pending item has no message anywhere: such items are "
+                "recorded as new chunks `l<time>-<n>` and published",
+            )
+            if state in (str(Q), str(P))
+            else Refuse(
+                f"{_GONE}: nothing is published"
+                if gone
+                else "job {job} is being submitted: its submit publishes (run it again to resume)"
+                if state == str(S)
+                else f"job {{job}} is {ending}: nothing is published"
             )
         ),
         follow_lease=_same(

@@ -55,6 +55,12 @@ class Settings(BaseModel):
     on its queue by the next heartbeat of any live worker, so it is back within about this plus
     one heartbeat interval.  The visibility timeout caps it when it is lower."""
 
+    recovery_seconds: float = Field(15.0, ge=0)
+    """Seconds a live job may sit quiet (pending items, an empty backlog, no chunk running, counts
+    unmoved) before the fleet looks for pending items whose message was lost (kombu takes a
+    message off its queue before it records it as unacknowledged: a Redis or worker stopped
+    between the two loses it) and publishes them again (0: never look)."""
+
     backup: bool = True
     """Backup execution at a job's tail: a worker with nothing queued for its profile and mode
     takes over the unfinished items of the chunk expected to finish last on a slower worker, when

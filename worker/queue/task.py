@@ -24,6 +24,7 @@ from worker.queue.backup import backup_hook
 from worker.queue.leases import keeper, sweep_hook
 from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
+from worker.queue.recovery import recovery_hook
 from worker.queue.routing import TASK_NAME, dispatch_targets, worker_queues
 from worker.runtime import Runtime, get_runtime
 from worker.store.memory import full_notice, is_full, wait_for_room
@@ -149,8 +150,9 @@ def _serve_queues(runtime: Runtime) -> None:
 
         serve(runtime, consumed_queues(worker_queues(runtime.profile.name, runtime.mode), current_app))
 
-    # each heartbeat also puts back chunks whose lease lapsed, and may start a backup
-    hooks = (sweep_hook, backup_hook)
+    # each heartbeat also puts back chunks whose lease lapsed, may start a backup, and (one
+    # worker of the fleet) publishes again what lost its message
+    hooks = (sweep_hook, backup_hook, recovery_hook)
     if not any(getattr(h, "func", None) in hooks for h in runtime.beat_hooks):
         runtime.beat_hooks += [functools.partial(hook, runtime) for hook in hooks]
 
