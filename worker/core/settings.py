@@ -40,8 +40,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     broker_url: SecretStr | None = None
-    """Redis URL (``redis://``, ``rediss://``, with an optional password) used for both the Celery
-    broker and the job store.  Unset: ``genq run`` works embedded, in one process."""
+    """Redis URL (``redis://``, ``rediss://``, with an optional password; a Unix socket as
+    ``unix:///path/redis.sock?db=0`` or Celery's ``redis+socket:///path/redis.sock?virtual_host=0``)
+    used for both the Celery broker and the job store.  Unset: ``genq run`` works embedded, in
+    one process."""
 
     visibility_timeout: int = Field(21600, ge=1)
     """The backstop behind chunk leases: seconds after its last lease renewal before kombu itself
@@ -203,6 +205,11 @@ def redact_url(url: str) -> str:
     would make ``urlsplit`` see no password at all (and a non-numeric port makes it raise), and a
     URL that cannot be parsed is exactly the one that ends up in an error message."""
     scheme, sep, rest = url.partition("://")
+    if "password=" in rest:  # a Unix socket's URL may carry it as a query parameter
+        head, _, query = rest.partition("?")
+        pairs = [p if not p.startswith("password=") else "password=***" for p in query.split("&")]
+        rest = f"{head}?{'&'.join(pairs)}" if query else head
+        url = f"{scheme}{sep}{rest}"
     if not sep or "@" not in rest:
         return url
     userinfo, _, host = rest.rpartition("@")

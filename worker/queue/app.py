@@ -15,6 +15,7 @@ from celery import Celery
 
 from worker.core.settings import Settings, get_settings
 from worker.queue.redelivery import transport_options
+from worker.store.connection import broker_url
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
@@ -38,7 +39,7 @@ def quiet_celery() -> None:
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     quiet_celery()
-    app = Celery("genq", broker=settings.broker or DEFAULT_BROKER, include=["worker.queue.task"])
+    app = Celery("genq", broker=broker_url(settings.broker or DEFAULT_BROKER), include=["worker.queue.task"])
     options = transport_options(settings)
     # BRPOP names the worker's queues in the order given (worker_queues: high, normal, low) and
     # never rotates them: a waiting high chunk is always taken before a normal or low one

@@ -53,7 +53,59 @@ class _Retry(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
+SOCKET_SCHEMES = ("unix", "redis+socket", "socket")
+"""A Redis on a Unix socket, as redis-py writes it (``unix:///run/redis.sock?db=0``) or as kombu
+and Celery do (``redis+socket:///run/redis.sock?virtual_host=0``): genq takes either."""
+
+
+def _socket_parts(url: str) -> tuple[str, str, str] | None:
+    """``(path, db, userinfo)`` of a Unix-socket URL; None for any other URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SOCKET_SCHEMES:
+        return None
+    userinfo, at, where = rest.rpartition("@")
+    if not at:
+        userinfo, where = "", rest
+    path, _, query = where.partition("?")
+    db = "0"
+    kept = []
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        if name in ("db", "virtual_host"):
+            db = value or "0"
+        elif name == "password" and not userinfo:
+            userinfo = f":{value}"
+        else:
+            kept.append(pair)
+    if kept:
+        raise ConfigError(
+            f"GENQ_BROKER_URL={redact_url(url)}: a Unix socket URL takes only db (or virtual_host)"
+        )
+    return path, db, userinfo
+
+
+def store_url(url: str) -> str:
+    """The URL redis-py connects with (a Unix socket as ``unix://PATH?db=N``)."""
+    parts = _socket_parts(url)
+    if parts is None:
+        return url
+    path, db, userinfo = parts
+    return f"unix://{userinfo + '@' if userinfo else ''}{path}?db={db}"
+
+
+def broker_url(url: str) -> str:
+    """The URL Celery's broker connects with (a Unix socket as kombu's ``redis+socket://``)."""
+    parts = _socket_parts(url)
+    if parts is None:
+        return url
+    path, db, userinfo = parts
+    return f"redis+socket://{userinfo + '@' if userinfo else ''}{path}?virtual_host={db}"
+
+
 def _from_url(url: str, **options: Any) -> redis.Redis:
+    if _socket_parts(url) is not None:  # TCP's options mean nothing on a Unix socket
+        options.pop("socket_keepalive", None)
+        url = store_url(url)
     try:
         return redis.Redis.from_url(url, decode_responses=True, **options)
     except ValueError:  # redis-py's message may quote part of the password: never append it
