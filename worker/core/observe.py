@@ -72,6 +72,10 @@ class Observer:
         """``tokens`` were generated for results the store did not keep (another write of those
         items came first: a backup at a job's tail, or a chunk whose lease lapsed)."""
 
+    def lost_published(self, items: int) -> None:
+        """``items`` pending items had no message anywhere and were published again
+        (:mod:`worker.queue.recovery`)."""
+
 
 _observer = Observer()
 

@@ -64,6 +64,11 @@ WASTED_TOKENS = Counter(
     "genq_wasted_tokens",
     "Completion tokens generated for results the store did not keep (work done twice)",
 )
+LOST_ITEMS = Counter(
+    "genq_lost_items_published",
+    "Pending items whose chunk message was lost (no queue, backlog or unacked entry held it) that "
+    "this worker published again",
+)
 DELIVERIES = Counter(
     "genq_deliveries",
     "Chunk deliveries started (redelivered: the store had seen this chunk before)",
@@ -169,6 +174,9 @@ class PrometheusObserver(Observer):
 
     def wasted(self, tokens: int) -> None:
         WASTED_TOKENS.inc(tokens)
+
+    def lost_published(self, items: int) -> None:
+        LOST_ITEMS.inc(items)
 
 
 def _reader(fn: Callable[[], float]) -> Callable[[], float]:

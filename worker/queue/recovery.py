@@ -34,6 +34,7 @@ from worker.chunks import make_chunks
 from worker.core.errors import GenqError, JobNotFound
 from worker.core.lifecycle import Event
 from worker.core.logs import get_logger
+from worker.core.observe import observer
 from worker.core.schema import JobSpec
 from worker.core.states import JobStatus
 from worker.queue.messages import job_queues, message_ids
@@ -172,6 +173,7 @@ def recovery_hook(runtime: Runtime) -> None:
     if not store.r.set(LOCK, runtime.name, nx=True, px=period_ms):
         return
     for done in recover_lost(store, quiet_for):
+        observer().lost_published(done.items)
         get_logger(job=done.job_id, worker=runtime.name).warning(
             "lost_chunks_published",
             message=f"{done.items} pending items had no message anywhere (lost between kombu's "
