@@ -15,7 +15,9 @@ what Redis holds:
 * every key of a partial (``submitting``) or final job has a TTL; after delete, prune or a TTL
   lapse no key of the job remains;
 * no job stays queued or in progress with a pending item that no message (backlog, queue,
-  unacknowledged) can run, and no job stays ``cancelling`` with nothing running;
+  unacknowledged) can run (an item whose message was lost outright only until the fleet's look
+  for lost messages has seen its job quiet; that look publishes exactly the items no message or
+  result covers), and no job stays ``cancelling`` with nothing running;
 * an accepted submit made the job it was asked for (the stored spec has its mode, priority,
   chunk size and parameters), a final job stays final (``genq retry`` may reopen a completed
   one only), and a message is in one place at a time;
@@ -29,7 +31,8 @@ resumed, with changed options, ids reused after delete), cancel, retry, delete, 
 through a controllable clock (``expire_if_due(now=...)``), TTL lapse (every key with a TTL
 deleted, as Redis would), deliveries, worker deaths mid-chunk (the process stops at that point:
 no store call after it, no acknowledgement), the sweep that returns a dead worker's messages,
-heartbeats, and engine errors that ``genq retry`` runs again.
+messages lost outright (taken off a queue and never recorded as unacknowledged) and the fleet's
+look for them, heartbeats, and engine errors that ``genq retry`` runs again.
 
 The engine is the one part not shipped: :class:`AnswerEngine` answers each item with a text
 that names the request (generation itself is tested elsewhere, on the tiny model), which is what
