@@ -8,8 +8,9 @@ here with a Redis restarted mid-job: the job stopped at 196 of 200 items, foreve
 emptied by hand, or a Redis that lost its last writes, does the same.  Leases cannot see it: the
 message is nowhere.
 
-On each heartbeat one worker of the fleet (a lock with the heartbeat's period) looks at the live
-jobs (``queued``, ``in_progress``).  A job is *quiet* when it has pending items, an empty
+On each heartbeat one worker of the fleet (a lock with the heartbeat's period) looks at the next
+:data:`PAGE` jobs of the job index (one small read each; the live ones, ``queued`` and
+``in_progress``, are looked at further).  A job is *quiet* when it has pending items, an empty
 backlog, no chunk running on a live worker, and its counts have not moved for
 ``GENQ_RECOVERY_SECONDS``.  Only then are its messages read (its queues, and kombu's unacked
 hash): pending items that no message of this incarnation covers are recorded as new chunks
@@ -48,6 +49,13 @@ QUIET = f"{PREFIX}recovery"
 
 LOCK = f"{PREFIX}recovery:lock"
 """Held for one heartbeat period by the worker that looks this period."""
+
+CURSOR = f"{PREFIX}recovery:cursor"
+"""Where in the job index the next look begins."""
+
+PAGE = 2_000
+"""Jobs one look reads (one small read each, pipelined): a Redis holding many finished jobs is
+read a page per heartbeat period, not whole each time."""
 
 SCAN = 10_000
 """Items whose result is looked up per round trip when a job has lost something."""
@@ -115,16 +123,47 @@ def _signature(status: str, inc: str, counts: Iterable[object]) -> str:
     return ":".join([status, inc, *(str(c) for c in counts)])
 
 
-def recover_lost(store: RedisStore, quiet_for: float, now: float | None = None) -> list[Recovered]:
-    """One look at every live job (see the module's text); returns what was published again."""
+def _forget_gone(r: Any) -> None:
+    """Drop what was seen of jobs no longer in the index (deleted, pruned or lapsed while quiet)."""
+    noted = [str(j) for j in r.hkeys(QUIET)]
+    if not noted:
+        return
+    pipe = r.pipeline(transaction=False)
+    for job in noted:
+        pipe.zscore(JOBS_INDEX, job)
+    gone = [job for job, score in zip(noted, pipe.execute(), strict=True) if score is None]
+    if gone:
+        r.hdel(QUIET, *gone)
+
+
+def _page(r: Any, page: int) -> list[str]:
+    """The next ``page`` job ids of the index, oldest first, from where the last look ended
+    (:data:`CURSOR`); back to the start after the last."""
+    at = int(r.get(CURSOR) or 0)
+    ids = [str(j) for j in r.zrange(JOBS_INDEX, at, at + page - 1)]
+    if len(ids) < page:  # the end of the index: the next look starts again
+        r.set(CURSOR, 0)
+        _forget_gone(r)
+        if at:
+            ids += [str(j) for j in r.zrange(JOBS_INDEX, 0, page - len(ids) - 1) if str(j) not in ids]
+    else:
+        r.set(CURSOR, at + page)
+    return ids
+
+
+def recover_lost(
+    store: RedisStore, quiet_for: float, now: float | None = None, *, page: int = PAGE
+) -> list[Recovered]:
+    """One look at up to ``page`` jobs of the index (see the module's text); returns what was
+    published again."""
     now = time.time() if now is None else now
     r = store.r
-    ids = [str(j) for j in r.zrange(JOBS_INDEX, 0, -1)]
+    ids = _page(r, page)
     pipe = r.pipeline(transaction=False)
     for job in ids:
         pipe.hmget(job_key(job), "status", "inc", "total", "succeeded", "errored", "cancelled", "expired")
     rows = pipe.execute()
-    seen = {str(k): str(v) for k, v in r.hgetall(QUIET).items()}
+    seen = dict(zip(ids, r.hmget(QUIET, ids), strict=True)) if ids else {}
     keep: dict[str, str] = {}
     found: list[Recovered] = []
     for job, (status, inc, total, *counts) in zip(ids, rows, strict=True):
@@ -140,12 +179,12 @@ def recover_lost(store: RedisStore, quiet_for: float, now: float | None = None) 
         if state.live_chunks or state.submitting or store.backlog_length(job):
             continue
         sig = _signature(str(status), str(inc or ""), [total, *counts])
-        first_sig, _, since = seen.get(job, "").rpartition("|")
+        first_sig, _, since = str(seen.get(job) or "").rpartition("|")
         if first_sig != sig:
             keep[job] = f"{sig}|{now}"
             continue
         if now - float(since or now) < quiet_for:
-            keep[job] = seen[job]
+            keep[job] = str(seen[job])
             continue
         keep[job] = f"{sig}|{now}"  # looked: the next look after another quiet period
         try:
@@ -154,8 +193,12 @@ def recover_lost(store: RedisStore, quiet_for: float, now: float | None = None) 
             continue
         if done is not None and done.chunks:
             found.append(done)
+    # what this look saw replaces what the last one saw of these jobs (a job no longer quiet,
+    # ended or gone loses its entry); the other jobs' entries wait for their page
     pipe = r.pipeline(transaction=True)
-    pipe.delete(QUIET)
+    gone = [job for job in ids if job not in keep]
+    if gone:
+        pipe.hdel(QUIET, *gone)
     if keep:
         mapping: Any = keep  # redis-py's Mapping type is invariant in its key
         pipe.hset(QUIET, mapping=mapping)
