@@ -21,4 +21,4 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -m "not slow" "$@"
+.venv/bin/python -m pytest -m "not slow" --durations=15 "$@"
