@@ -84,22 +84,23 @@ def _socket_parts(url: str) -> tuple[str, str, str] | None:
     return path, db, userinfo
 
 
-def store_url(url: str) -> str:
-    """The URL redis-py connects with (a Unix socket as ``unix://PATH?db=N``)."""
+def _socket_url(url: str, scheme: str, db_name: str) -> str:
+    """``url`` as ``scheme://[userinfo@]PATH?<db_name>=N`` when it names a Unix socket."""
     parts = _socket_parts(url)
     if parts is None:
         return url
     path, db, userinfo = parts
-    return f"unix://{userinfo + '@' if userinfo else ''}{path}?db={db}"
+    return f"{scheme}://{userinfo + '@' if userinfo else ''}{path}?{db_name}={db}"
+
+
+def store_url(url: str) -> str:
+    """The URL redis-py connects with (a Unix socket as ``unix://PATH?db=N``)."""
+    return _socket_url(url, "unix", "db")
 
 
 def broker_url(url: str) -> str:
     """The URL Celery's broker connects with (a Unix socket as kombu's ``redis+socket://``)."""
-    parts = _socket_parts(url)
-    if parts is None:
-        return url
-    path, db, userinfo = parts
-    return f"redis+socket://{userinfo + '@' if userinfo else ''}{path}?virtual_host={db}"
+    return _socket_url(url, "redis+socket", "virtual_host")
 
 
 def _from_url(url: str, **options: Any) -> redis.Redis:
