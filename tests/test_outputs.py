@@ -96,6 +96,29 @@ def test_openai_completion_ok_row() -> None:
     assert body["usage"]["total_tokens"] == 10
 
 
+def test_legacy_logprobs_keep_alternatives_that_are_not_text_on_their_own() -> None:
+    """Two alternatives that are each part of a UTF-8 character both read as "\ufffd": keyed by
+    that text, the legacy ``top_logprobs`` dict kept one of them (CI once saw a position with one
+    alternative of two asked).  They are named ``bytes:\\xNN…`` as OpenAI names such tokens."""
+    from worker.core.structured import TokenLogprob, TopLogprob
+
+    alts = [
+        TopLogprob(token="\ufffd", logprob=-0.5, bytes=[0xE2, 0x80]),
+        TopLogprob(token="\ufffd", logprob=-1.5, bytes=[0xE2]),
+    ]
+    entries = [
+        TokenLogprob(token="\ufffd", logprob=-0.5, bytes=[0xE2, 0x80], top_logprobs=alts),
+        TokenLogprob(token="é", logprob=-0.1, bytes=[0xC3, 0xA9], top_logprobs=[]),
+    ]
+    result = ok(PROMPT_ITEM).model_copy(update={"logprobs": entries})
+    lp = result_row(result, PROMPT_ITEM, "openai", model="qwen", created=1)["response"]["body"]["choices"][0][
+        "logprobs"
+    ]
+    assert lp["tokens"] == ["bytes:\\xe2\\x80", "é"]
+    assert lp["top_logprobs"][0] == {"bytes:\\xe2\\x80": -0.5, "bytes:\\xe2": -1.5}
+    assert lp["text_offset"] == [0, 1]
+
+
 @pytest.mark.parametrize("item", [CHAT_ITEM, PROMPT_ITEM], ids=["chat", "completion"])
 def test_openai_error_row(item: Item) -> None:
     row = result_row(failed(item), item, "openai", model="qwen")

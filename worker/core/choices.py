@@ -52,6 +52,21 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     return {"content": [e.model_dump() for e in entries], "refusal": None}
 
 
+def legacy_token(token: str, raw: list[int] | None) -> str:
+    """A token as the legacy completions shape names it: its text, or, when its bytes are not
+    text on their own (part of a UTF-8 character), ``bytes:\\xNN…`` as OpenAI writes them.  Two
+    different tokens then never share a name, so none of a position's alternatives is lost to
+    another's key in ``top_logprobs``."""
+    if raw is None:
+        return token
+    try:
+        if bytes(raw).decode("utf-8") == token:
+            return token
+    except UnicodeDecodeError:
+        pass
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     """The legacy completions shape: parallel lists, alternatives as ``{token: logprob}``."""
     offsets, at = [], 0
@@ -59,8 +74,10 @@ def completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
         offsets.append(at)
         at += len(e.token)
     return {
-        "tokens": [e.token for e in entries],
+        "tokens": [legacy_token(e.token, e.bytes) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        "top_logprobs": [
+            {legacy_token(t.token, t.bytes): t.logprob for t in e.top_logprobs} for e in entries
+        ],
         "text_offset": offsets,
     }
