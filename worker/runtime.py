@@ -207,23 +207,24 @@ class Runtime:
             if measured is not None:
                 self.store.record_throughput(measured)
         except Exception as exc:  # a missed heartbeat must never stop the work
-            from worker.store.memory import full_notice, is_full
-
-            if is_full(exc):  # Redis at maxmemory: one line a minute says so, for every part
-                full_notice().report(self.store.r, self.store.url_display, self.log, exc)
-            else:
-                self.log.warning("heartbeat_failed", error=str(exc)[:200])
+            self.store_failed("heartbeat_failed", exc)
         for hook in self.beat_hooks:
             try:
                 hook()
             except Exception as exc:  # nor must what runs with it
-                from worker.store.memory import full_notice, is_full
-
-                if is_full(exc):  # the same one line a minute
-                    full_notice().report(self.store.r, self.store.url_display, self.log, exc)
-                    continue
                 name = getattr(getattr(hook, "func", hook), "__name__", "?")
-                self.log.warning("heartbeat_hook_failed", hook=name, error=str(exc)[:200])
+                self.store_failed("heartbeat_hook_failed", exc, hook=name)
+
+    def store_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
+        """A store call failed and the work goes on: at maxmemory the worker's one line a minute
+        says so (:func:`~worker.store.memory.full_notice`, for every part of the worker), else a
+        warning ``event`` with the error."""
+        from worker.store.memory import full_notice, is_full
+
+        if is_full(exc):
+            full_notice().report(self.store.r, self.store.url_display, self.log, exc)
+        else:
+            self.log.warning(event, error=str(exc)[:200], **fields)
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is not None or not self.settings.broker:

@@ -31,7 +31,6 @@ from worker.core.logs import get_logger
 from worker.queue.messages import UNACKED, UNACKED_INDEX
 from worker.queue.routing import TASK_NAME
 from worker.runtime import Runtime
-from worker.store.memory import full_notice, is_full
 
 SWEEP_PAGE = 100
 """Lapsed messages put back per sweep (the next heartbeat takes the rest)."""
@@ -95,13 +94,8 @@ class LeaseKeeper:
         for h in held:
             try:
                 ok = runtime.store.renew_lease(UNACKED_INDEX, h.tag, h.job_id, h.chunk_id, runtime.name)
-            except Exception as exc:  # Redis away: the lease lapses unless it is back in time
-                if is_full(exc):  # at maxmemory: the worker's one line a minute says so
-                    full_notice().report(runtime.store.r, runtime.store.url_display, runtime.log, exc)
-                else:
-                    runtime.log.warning(
-                        "lease_renewal_failed", job=h.job_id, chunk=h.chunk_id, error=str(exc)[:200]
-                    )
+            except Exception as exc:  # Redis away (or full): the lease lapses unless it is back in time
+                runtime.store_failed("lease_renewal_failed", exc, job=h.job_id, chunk=h.chunk_id)
                 continue
             if not ok and not h.lost:
                 h.lost = True

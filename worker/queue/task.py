@@ -54,10 +54,7 @@ def _dispatch(runtime: Runtime) -> None:
     try:
         runtime.store.dispatch(runtime.targets)
     except Exception as exc:  # the next chunk or heartbeat dispatches again: never fail a chunk
-        if is_full(exc):  # Redis at maxmemory: the one line a minute says so, not a line per chunk
-            full_notice().report(runtime.store.r, runtime.store.url_display, runtime.log, exc)
-        else:
-            runtime.log.warning("dispatch_failed", error=str(exc)[:200])
+        runtime.store_failed("dispatch_failed", exc)
 
 
 def _run_chunk(runtime: Runtime, chunk: ChunkRef) -> dict[str, Any]:
