@@ -31,7 +31,6 @@ from worker.core.schema import ErrorInfo, GenParams, Item, ItemResult, JobSpec, 
 from worker.core.settings import Settings, get_settings
 from worker.core.states import ErrorCode, JobStatus, Priority, QueueMode
 from worker.store import RedisStore
-from worker.store.keys import backlog_key
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -234,10 +233,9 @@ class Client:
     def live_messages(self, spec: JobSpec) -> set[str]:
         """The job's messages in its backlog, on the queues of its level (an ``any`` job's are
         dispatched to the modes' queues) or unacknowledged."""
-        from worker.queue.messages import job_queues, message_ids
+        from worker.queue.messages import job_message_ids
 
-        queues = job_queues(spec)
-        return message_ids(self.store.r, queues, [backlog_key(spec.job_id)])
+        return job_message_ids(self.store.r, spec)
 
     def submit(
         self,

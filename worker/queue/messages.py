@@ -21,6 +21,7 @@ import redis
 from worker.core.schema import JobSpec
 from worker.core.states import QueueMode
 from worker.queue.routing import queue_name
+from worker.store.keys import backlog_key
 
 if TYPE_CHECKING:
     from worker.store.dispatch import Dispatcher
@@ -102,6 +103,13 @@ def remove_waiting(r: redis.Redis, queues: Sequence[str], job_id: str) -> int:
 def job_queues(spec: JobSpec) -> list[str]:
     """Every broker queue a message of the job may wait on (its priority level, any mode)."""
     return [queue_name(spec.profile, m, spec.priority) for m in QueueMode]
+
+
+def job_message_ids(r: redis.Redis, spec: JobSpec) -> set[str]:
+    """Task ids of the messages that may run the job's chunks: in its backlog, on the queues of its
+    level (an ``any`` job's are dispatched to the modes' queues) or unacknowledged (every job's
+    ids among them: callers keep their own)."""
+    return message_ids(r, job_queues(spec), [backlog_key(spec.job_id)])
 
 
 def withdraw(store: Dispatcher, spec: JobSpec) -> int:

@@ -38,11 +38,11 @@ from worker.core.logs import get_logger
 from worker.core.observe import observer
 from worker.core.schema import JobSpec
 from worker.core.states import JobStatus
-from worker.queue.messages import job_queues, message_ids
+from worker.queue.messages import job_message_ids
 from worker.queue.publish import publish_chunks
 from worker.runtime import Runtime
 from worker.store import RedisStore
-from worker.store.keys import JOBS_INDEX, PREFIX, backlog_key, job_key
+from worker.store.keys import JOBS_INDEX, PREFIX, job_key
 
 QUIET = f"{PREFIX}recovery"
 """Hash: job id → ``<signature>|<since>``: what the job's counts were when it was first seen quiet."""
@@ -92,7 +92,7 @@ def lost_items(store: RedisStore, spec: JobSpec, pending: int) -> list[int]:
     """The job's pending items that no waiting or unacknowledged message of this incarnation
     covers.  ``pending``: the job's count; when the covered items without a result account for
     it, nothing was lost and no result is read beyond theirs."""
-    ids = message_ids(store.r, job_queues(spec), [backlog_key(spec.job_id)])
+    ids = job_message_ids(store.r, spec)
     covered = _covered(store, spec, ids)
     waiting = sorted(covered)
     if len(waiting) - len(store.done(spec.job_id, waiting)) >= pending:
