@@ -2,7 +2,8 @@
 machine's best fp32 kernel measured in the same run.
 
     python -m bench.engine [--json] [--items 64] [--new-tokens 64] [--naive-items 16]
-                           [--padded 32,64] [--mixed-mean 32] [--skip-generate-batch] [--tiny]
+                           [--padded 32,64] [--mixed-mean 32] [--skip-generate-batch] [--repeat N]
+                           [--hf-pass] [--tiny]
 
 All runs share one model — the ~200M-parameter Qwen2-shaped benchmark model (random weights, fp32,
 LoRA adapter merged: the CPU worker's mode), built locally on first use and set up exactly as a
@@ -11,6 +12,8 @@ prompts (mixed lengths, fixed seed) and greedy decoding with EOS ignored, so eve
 exactly ``new-tokens`` per prompt:
 
 * **engine**: ``Engine.generate`` on all prompts (the batch size measured first, outside the timing);
+  with ``--hf-pass`` also the same engine through transformers' forward pass instead of its own
+  Llama-family pass (:mod:`worker.engine.llama`), interleaved: ``…_hf_pass`` figures;
 * **padded**: HF ``generate`` on left-padded batches of 32 and 64 prompts (:func:`bench.hf.run_padded`),
   on the engine's packed weights (the same kernels) and on plain ``nn.Linear`` (what transformers
   alone runs);
@@ -121,6 +124,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="Run the engine and the padded baselines this many times, interleaved, and keep each "
         "one's fastest run (shared machines: the least disturbed run is the closest to the truth).",
     )
+    ap.add_argument(
+        "--hf-pass",
+        action="store_true",
+        help="Also run the engine through transformers' forward pass (its own pass off), interleaved.",
+    )
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
     args = ap.parse_args(argv)
     padded_sizes = sorted({int(b) for b in args.padded.split(",") if b.strip()})
@@ -150,10 +158,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if mixed_items:
         workloads.append(("mixed ", mixed_items, args.new_tokens))
     runs: dict[str, list[Run]] = {}
+    own = engine.forward.own
     for r in range(max(1, args.repeat)):
         for tag, work, new in workloads:
             print(f"[bench] round {r + 1}: {tag}engine, {len(work)} prompts at batch {tuned} ...", flush=True)
             runs.setdefault(f"{tag}engine", []).append(run_engine_counted(engine, work))
+            if args.hf_pass and own is not None:
+                engine.forward.own = None
+                try:
+                    runs.setdefault(f"{tag}engine_hf_pass", []).append(run_engine_counted(engine, work))
+                finally:
+                    engine.forward.own = own
             for b in padded_sizes:
                 runs.setdefault(f"{tag}padded{b}", []).append(run_padded_counted(loaded, work, new, b))
             with plain_linears(loaded.model):
@@ -213,11 +228,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeat": max(1, args.repeat),
         "all_seconds": {name: [round(s, 2) for s, _, _ in times] for name, times in runs.items()},
         "naive_seconds": round(naive_s, 2),
+        "own_pass": own is not None,
     }
+    if "engine_hf_pass" in best:
+        hf_s, hf_tokens, _ = best["engine_hf_pass"]
+        hf_tps = hf_tokens / hf_s
+        result.update(
+            {
+                "engine_hf_pass_tok_s": round(hf_tps, 2),
+                "own_pass_gain": round(engine_tps / hf_tps, 3),
+                "vs_padded_hf_pass": round(hf_tps / best_padded, 2) if best_padded else None,
+                "roofline_fraction_hf_pass": round(flops / hf_s / peak["best"], 3),
+            }
+        )
     if mixed_items:
         mixed = {k.removeprefix("mixed "): v for k, v in best.items() if k.startswith("mixed ")}
-        baselines = {k: v for k, v in mixed.items() if k != "engine"}
+        baselines = {k: v for k, v in mixed.items() if not k.startswith("engine")}
         vs_mixed, vs_mixed_plain = _compare(mixed["engine"], baselines)
+        if "engine_hf_pass" in mixed:
+            result["vs_padded_mixed_hf_pass"] = _compare(mixed["engine_hf_pass"], baselines)[0]
         result.update(
             {
                 "vs_padded_mixed": vs_mixed,
@@ -242,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b, (s, t) in plain.items():
         rows.append(_row(f"the same, plain nn.Linear, batches of {b}", len(items), t, s, naive_tps))
     rows.append(_row(f"genq engine (batch {tuned})", len(items), engine_tokens, engine_s, naive_tps))
+    if "engine_hf_pass" in best:
+        hf_s, hf_tokens, _ = best["engine_hf_pass"]
+        rows.append(_row("the same, transformers' forward pass", len(items), hf_tokens, hf_s, naive_tps))
     if isinstance(batch, tuple):
         batch_s, batch_tokens = batch
         result["generate_batch_tok_s"] = round(batch_tokens / batch_s, 2)

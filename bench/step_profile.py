@@ -1,8 +1,8 @@
 """Where a decode step's time goes: the engine's decode step on the benchmark model, profiled.
 
     python -m bench.step_profile [--json] [--rows 64] [--context 200] [--spread 0] [--steps 5]
-                                 [--attention span,chunks,rows] [--fused on,off] [--shuffle]
-                                 [--threads N]
+                                 [--attention span,chunks,rows] [--fused on,off] [--own on,off]
+                                 [--shuffle] [--threads N]
 
 Runs ``--steps`` decode steps of ``--rows`` rows over a slot cache holding ``--context`` tokens per
 row (the model set up as a worker sets it up: ``build_engine``), times them, then profiles as many
@@ -17,7 +17,9 @@ random order).  Each decode attention of ``--attention`` is measured, interleave
 of similar length, each over its own span: :mod:`worker.engine.attention`, the engine's default),
 ``rows`` (one call per row over exactly its keys).  ``--fused on,off`` measures each of them also
 with every linear layer's own product (``…/unfused``) beside the fused sibling products
-(:class:`worker.engine.cpu.FusedLinear`, the default), interleaved in the same way.
+(:class:`worker.engine.cpu.FusedLinear`, the default), interleaved in the same way; ``--own on,off``
+each of them also through transformers' own forward pass (``…/hf``) beside the engine's own pass
+for Llama-family models (:mod:`worker.engine.llama`, the default).
 """
 
 from __future__ import annotations
@@ -117,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--fused", default="on", help="Fused sibling products: on, off, or on,off (both, interleaved)."
     )
+    ap.add_argument(
+        "--own", default="on", help="The engine's own Llama-family pass: on, off, or on,off (interleaved)."
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
@@ -138,18 +143,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lengths = row_lengths(rows, args.context, args.spread, shuffle=args.shuffle)
     cache = SlotCache(rows, max(lengths) + 8)
     fusing = [f.strip() for f in args.fused.split(",") if f.strip()]
+    owning = [f.strip() for f in args.own.split(",") if f.strip()]
     variants = [
-        v.strip() + ("" if f == "on" else "/unfused")
+        v.strip() + ("" if f == "on" else "/unfused") + ("" if o == "on" else "/hf")
+        for o in owning
         for f in fusing
         for v in args.attention.split(",")
         if v.strip()
     ]
     switch = fusion_switch(loaded.model) if "off" in fusing else None
+    own = fwd.own
 
     def step(variant: str) -> None:
-        attention, _, unfused = variant.partition("/")
+        attention, *flags = variant.split("/")
         if switch is not None:
-            switch(not unfused)
+            switch("unfused" not in flags)
+        fwd.own = None if "hf" in flags else own
         cache.lengths = list(lengths)
         positions, visible = cache.begin_decode(rows)
         if attention == "rows":

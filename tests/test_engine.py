@@ -249,27 +249,43 @@ def _far_apart() -> list[Item]:
 def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ignore[no-untyped-def]
     """Greedy text with decode attention per run of rows (each over its own span) equals the text
     with every row attending up to the longest row, and HF's own forward (the plain loop, a
-    DynamicCache); and the runs really happened, several per pass."""
+    DynamicCache); and the runs really happened, several per pass, through the engine's own pass
+    and through transformers' pass alike."""
     from transformers import AttentionInterface
 
     from worker.engine import attention
+    from worker.engine.llama import LlamaPass
 
     runs: list[int] = []
+    own_runs: list[int] = []
 
     def counting(module, query, key, value, mask, slot_chunks=None, **kw):  # type: ignore[no-untyped-def]
         if slot_chunks:
             runs.append(len(slot_chunks))
         return attention.slot_attention(module, query, key, value, mask, slot_chunks=slot_chunks, **kw)
 
+    real = LlamaPass._decode_attention
+
+    def own_counting(self, query, keys, values, visible, chunks):  # type: ignore[no-untyped-def]
+        own_runs.append(len(chunks))
+        return real(self, query, keys, values, visible, chunks)
+
     attention.register()
     AttentionInterface.register(attention.SLOT_ATTENTION, counting)
+    LlamaPass._decode_attention = own_counting  # type: ignore[method-assign]
     engine = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
     engine.forward.live_span = True  # whatever GENQ_LIVE_SPAN_ATTENTION says
+    assert engine.forward.own is not None
+    hf = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
+    hf.forward.live_span, hf.forward.own = True, None
     try:
         live = [r.text for r in engine.generate(_far_apart())]
+        assert live == [r.text for r in hf.generate(_far_apart())]
     finally:
         AttentionInterface.register(attention.SLOT_ATTENTION, attention.slot_attention)
+        LlamaPass._decode_attention = real  # type: ignore[method-assign]
     assert runs and max(runs) >= 3, runs
+    assert own_runs and max(own_runs) >= 3, own_runs
     span = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
     span.forward.live_span = False
     plain = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)

@@ -168,14 +168,14 @@ def test_fused_linear_changes_no_token(tiny_profile) -> None:  # type: ignore[no
         pytest.skip("this torch build has no oneDNN")
     before = torch.get_num_threads()
     products = 0
-    real = FusedLinear.product
+    real = FusedLinear.whole
 
-    def counted(self, member, x):  # type: ignore[no-untyped-def]
+    def counted(self, x):  # type: ignore[no-untyped-def]
         nonlocal products
         products += 1
-        return real(self, member, x)
+        return real(self, x)
 
-    FusedLinear.product = counted  # type: ignore[method-assign]
+    FusedLinear.whole = counted  # type: ignore[method-assign]
     try:
         engine = build_engine(
             loaded, settings=Settings(threads=2, fused_linear=True), autotune=False, max_batch_size=4
@@ -189,6 +189,6 @@ def test_fused_linear_changes_no_token(tiny_profile) -> None:  # type: ignore[no
             engine.forward.live_span = live
             assert [r.text for r in engine.generate(items)] == want
     finally:
-        FusedLinear.product = real  # type: ignore[method-assign]
+        FusedLinear.whole = real  # type: ignore[method-assign]
         torch.set_num_threads(before)
     assert products > 0

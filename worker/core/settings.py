@@ -127,6 +127,11 @@ class Settings(BaseModel):
     """Decode attention reads each row's keys up to its own length only (runs of rows of similar
     length per call: :mod:`worker.engine.attention`); off: every row up to the longest row's."""
 
+    own_pass: bool = True
+    """Llama-family models (Llama, Qwen2, Mistral) on the CPU in fp32 run the engine's own forward
+    pass over the slot cache (:mod:`worker.engine.llama`: the same numbers in fewer operations,
+    without transformers' per-layer wrappers); off: transformers' pass."""
+
     fused_linear: bool = True
     """On the CPU in fp32, sibling linear layers that read the same input (query/key/value, gate/up)
     share one prepacked weight and one product (:class:`worker.engine.cpu.FusedLinear`); the same

@@ -150,10 +150,14 @@ class FusedLinear:
         self._pending: dict[int, torch.Tensor] = {}
         """The columns of the last product not taken yet, by member (``id``)."""
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's product of ``x``, side by side (members in order)."""
+        return linear_pointwise(x.contiguous(), self.packed_weight, self.bias)
+
     def product(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         key = id(member)
         if x is not self._input or key not in self._pending:
-            out = linear_pointwise(x.contiguous(), self.packed_weight, self.bias)
+            out = self.whole(x)
             self._pending = {id(m): y for m, y in zip(self.members, out.split(self.sizes, -1), strict=True)}
             self._input = x
         taken = self._pending.pop(key)

@@ -12,6 +12,8 @@ from transformers.cache_utils import Cache
 
 from worker.engine.adapters import AdapterRouter
 from worker.engine.attention import slot_attention_on
+from worker.engine.llama import LlamaPass
+from worker.engine.slot_cache import SlotCache
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -85,6 +87,9 @@ class Forward:
         self.live_span = True
         """Decode passes over a slot cache attend each run of rows over its own span only
         (:mod:`worker.engine.attention`; sdpa models); off: every row up to the longest row."""
+        self.own: LlamaPass | None = None
+        """The engine's own pass for slot-cache passes of a Llama-family model (set by the engine
+        where :func:`worker.engine.llama.llama_pass` fits the model); None: transformers' pass."""
 
     def __call__(
         self,
@@ -100,6 +105,16 @@ class Forward:
         output head.  ``mask`` is a 2-D padding mask, or a 4-D visibility (bool, True: attend)
         such as :class:`SlotCache` passes return, turned here into what the attention takes.
         ``adapters``: each row's adapter (models with several; ignored otherwise)."""
+        own = self.own
+        if (
+            own is not None
+            and self.attention == "sdpa"
+            and isinstance(cache, SlotCache)
+            and mask.dim() == 4
+            and mask.dtype == torch.bool
+        ):
+            chunks = cache.chunks if self.live_span else None
+            return own(ids, mask, positions, cache, last_only=last_only, chunks=chunks)
         extra: dict[str, Any] = {"logits_to_keep": 1} if last_only else {}
         if mask.dim() == 4 and mask.dtype == torch.bool:
             mask = self.attend(mask)

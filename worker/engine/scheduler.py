@@ -22,6 +22,7 @@ from worker.engine.adapters import AdapterRouter
 from worker.engine.autotune import AUTOTUNE_CANDIDATES, AUTOTUNE_CONTEXT, DEFAULT_BATCH_SIZE, Autotuner
 from worker.engine.cpu import packed_layers
 from worker.engine.forward import Forward
+from worker.engine.llama import llama_pass
 from worker.engine.memory import BatchCeiling, is_oom, release_cached
 from worker.engine.padded import decode_padded
 from worker.engine.prefix import PrefixCache, mark_shared_prefixes
@@ -75,6 +76,8 @@ class Engine:
         (1.6–1.7× the tokens/s of mixing them on the tiny model: docs/OPERATIONS.md, "Several
         adapters on one base"); off: rows of any adapters decode together, each through its own."""
         self.forward.live_span = self.settings.live_span_attention
+        if self.settings.own_pass and self.forward.attention == "sdpa" and self.forward.router is None:
+            self.forward.own = llama_pass(self.model)
         self.device = self.forward.device
         self.prompts = Prompts(
             self.tokenizer,

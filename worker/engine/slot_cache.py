@@ -126,21 +126,30 @@ class SlotCache(Cache):
         """Write the pass's keys and values ``[rows, heads, tokens, head size]`` into the slots of
         layer ``layer_idx`` (allocated here on first use, where the layer runs); return the pass's
         slots up to the longest row."""
+        return self.write(layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
+
+    def write(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` for keys and values laid out ``[rows, tokens, heads, head size]`` (as a
+        projection's output is): the pass's slots of layer ``layer_idx``, ``[rows, heads, span,
+        head size]``, after the write."""
         if layer_idx == len(self.key_slots):
-            self.key_slots.append(self._new_slots(key_states))
-            self.value_slots.append(self._new_slots(value_states))
+            self.key_slots.append(self._new_slots(keys))
+            self.value_slots.append(self._new_slots(values))
         kk, vv = self.key_slots[layer_idx], self.value_slots[layer_idx]
         for slot, prefix in self._copies:
             kk[slot, :, : prefix.length] = prefix.keys[layer_idx]
             vv[slot, :, : prefix.length] = prefix.values[layer_idx]
         slots, positions = self._write_index(kk.device)
-        kk[slots, :, positions] = key_states.transpose(1, 2)
-        vv[slots, :, positions] = value_states.transpose(1, 2)
+        kk[slots, :, positions] = keys
+        vv[slots, :, positions] = values
         return kk[self._lo : self._hi, :, : self._span], vv[self._lo : self._hi, :, : self._span]
 
     def _new_slots(self, like: torch.Tensor) -> torch.Tensor:
-        # one position past the capacity: where padding tokens are written, never attended to
-        return like.new_zeros((self.rows, like.shape[1], self.capacity + 1, like.shape[3]))
+        """Zeroed slots for keys or values like ``like`` (``[rows, tokens, heads, head size]``),
+        with one position past the capacity: where padding tokens are written, never attended to."""
+        return like.new_zeros((self.rows, like.shape[2], self.capacity + 1, like.shape[3]))
 
     def layer(self, layer_idx: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[heads, length, head size]`` of ``slot`` in layer ``layer_idx``."""
