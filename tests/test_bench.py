@@ -54,7 +54,7 @@ def test_fleet_benchmark_smoke() -> None:
 def test_engine_benchmark_smoke() -> None:
     result = engine.main(
         ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--padded", "4,8",
-         "--padded-plain", "8", "--skip-generate-batch", "--mixed-mean", "6"]
+         "--padded-plain", "8", "--skip-generate-batch", "--mixed-mean", "6", "--hf-pass"]
     )  # fmt: skip
     # EOS is ignored, so every prompt generates exactly --new-tokens
     assert result["engine_tokens"] == 12 * 6
@@ -72,7 +72,8 @@ def test_engine_benchmark_smoke() -> None:
     steps8 = sum(len(g) * max(n for _, n in g) for g in (by_prompt[:8], by_prompt[8:]))
     assert useful["padded8"] == round(sum(lengths) / steps8, 3) < 1
     assert result["vs_padded_mixed"] == pytest.approx(
-        result["mixed_tok_s"]["engine"] / max(v for k, v in result["mixed_tok_s"].items() if k != "engine"),
+        result["mixed_tok_s"]["engine"]
+        / max(v for k, v in result["mixed_tok_s"].items() if not k.startswith("engine")),
         rel=0.02,
     )
     assert result["naive_tok_s"] > 0 and result["engine_tok_s"] > 0
@@ -84,6 +85,13 @@ def test_engine_benchmark_smoke() -> None:
     assert peak["best"] == max(peak["matmul"], peak["packed"]) > 0
     assert 0 <= result["roofline_fraction"] < 1 and result["needed_gflop"] > 0  # 3 decimals: 0 under load
     assert result["generate_batch"] == "skipped"
+    # the engine through transformers' pass, beside its own: the same tokens, its own figures
+    assert result["own_pass"] is True and result["engine_hf_pass_tok_s"] > 0
+    assert result["own_pass_gain"] == pytest.approx(
+        result["engine_tok_s"] / result["engine_hf_pass_tok_s"], rel=0.02
+    )
+    assert result["mixed_tokens_kept"]["engine_hf_pass"] == sum(lengths)
+    assert result["vs_padded_mixed_hf_pass"] > 0
 
 
 def test_engine_benchmark_figures_agree_with_a_clock_outside_it() -> None:
@@ -305,17 +313,12 @@ def test_step_profile_smoke() -> None:
 
     result = step_profile.main(
         ["--tiny", "--rows", "4", "--context", "16", "--steps", "2", "--spread", "0.5",
-         "--attention", "span,chunks,rows", "--fused", "on,off"]
+         "--attention", "span,chunks,rows", "--fused", "on,off", "--own", "on,off"]
     )  # fmt: skip
     assert result["step_ms"] > 0 and sum(result["shares"].values()) == pytest.approx(1, abs=0.01)
     assert result["shares"]["linear"] > 0 and result["shares"]["attention"] > 0
     assert set(result["attention"]) == {
-        "span",
-        "chunks",
-        "rows",
-        "span/unfused",
-        "chunks/unfused",
-        "rows/unfused",
+        f"{a}{f}{o}" for a in ("span", "chunks", "rows") for f in ("", "/unfused") for o in ("", "/hf")
     }
     assert all(v["step_ms"] > 0 for v in result["attention"].values())
     assert step_profile.row_lengths(4, 16, 0.5) == [24, 19, 13, 8]  # longest first, mean 16

@@ -50,6 +50,7 @@ rows           a row in flight, the rules that extend and end it, result buildin
 forward        the model call: padded inputs, decode masks, the cache keyword, devices
 slot_cache     :class:`SlotCache`: per-row slots, prefill and decode passes, per-layer devices
 attention      decode attention over each row's live span: runs of rows of similar length per call
+llama          the engine's own pass through a Llama-family decoder: fewer operations, same logits
 slots          continuous batching over the slot cache, prefix copies
 prefix         finding shared prefixes, keeping their keys and values
 padded         the plain left-padded loop for models the slot cache does not fit
