@@ -32,7 +32,8 @@ Headline ratios: ``vs_padded`` = engine ÷ the best padded run (of all of them),
 (and ``useful_fraction_mixed``) = tokens kept ÷ row-steps computed, per run.
 ``roofline_fraction`` = the FLOPs the workload needs (prefill, decode, attention, vocabulary
 projection: :func:`bench.flops.needed_flops`) ÷ engine seconds ÷ the best kernel measured here
-(:func:`bench.flops.kernel_peak`): its ceiling is 1.  With ``--json`` the last line is one JSON object.
+(:func:`bench.flops.kernel_peak`): its ceiling is 1.  ``engine_split_seconds``: the fastest engine
+run's seconds in prefill passes and in decode steps.  With ``--json`` the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -66,14 +67,21 @@ def run_engine(engine: Any, items: list[Any]) -> tuple[float, int]:
 
 def run_engine_counted(engine: Any, items: list[Any]) -> tuple[float, int, int]:
     """(seconds, tokens kept, row-steps computed) of ``engine.generate(items)``."""
+    return run_engine_split(engine, items)[0]
+
+
+def run_engine_split(engine: Any, items: list[Any]) -> tuple[tuple[float, int, int], dict[str, float]]:
+    """:func:`run_engine_counted`, and the run's seconds in prefill passes and decode steps."""
     before = engine.slots.row_steps
+    split = dict(engine.slots.seconds)
     started = time.perf_counter()
     results = engine.generate(items)
     seconds = time.perf_counter() - started
+    parts = {k: round(engine.slots.seconds[k] - split[k], 2) for k in split}
     bad = [r for r in results if r.status != "ok"]
     if bad:
         raise SystemExit(f"engine errors: {bad[0].error}")
-    return seconds, sum(r.usage.completion_tokens for r in results), engine.slots.row_steps - before
+    return (seconds, sum(r.usage.completion_tokens for r in results), engine.slots.row_steps - before), parts
 
 
 Run = tuple[float, int, int]
@@ -158,17 +166,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if mixed_items:
         workloads.append(("mixed ", mixed_items, args.new_tokens))
     runs: dict[str, list[Run]] = {}
+    splits: dict[tuple[str, Run], dict[str, float]] = {}
     own = engine.forward.own
     for r in range(max(1, args.repeat)):
         for tag, work, new in workloads:
             print(f"[bench] round {r + 1}: {tag}engine, {len(work)} prompts at batch {tuned} ...", flush=True)
-            runs.setdefault(f"{tag}engine", []).append(run_engine_counted(engine, work))
-            if args.hf_pass and own is not None:
-                engine.forward.own = None
+            variants = [("engine", own)] + ([("engine_hf_pass", None)] if args.hf_pass and own else [])
+            for name, pass_ in variants:
+                engine.forward.own = pass_
                 try:
-                    runs.setdefault(f"{tag}engine_hf_pass", []).append(run_engine_counted(engine, work))
+                    run, parts = run_engine_split(engine, work)
                 finally:
                     engine.forward.own = own
+                runs.setdefault(f"{tag}{name}", []).append(run)
+                splits[(f"{tag}{name}", run)] = parts
             for b in padded_sizes:
                 runs.setdefault(f"{tag}padded{b}", []).append(run_padded_counted(loaded, work, new, b))
             with plain_linears(loaded.model):
@@ -229,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "all_seconds": {name: [round(s, 2) for s, _, _ in times] for name, times in runs.items()},
         "naive_seconds": round(naive_s, 2),
         "own_pass": own is not None,
+        "engine_split_seconds": splits[("engine", best["engine"])],
     }
     if "engine_hf_pass" in best:
         hf_s, hf_tokens, _ = best["engine_hf_pass"]
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "own_pass_gain": round(engine_tps / hf_tps, 3),
                 "vs_padded_hf_pass": round(hf_tps / best_padded, 2) if best_padded else None,
                 "roofline_fraction_hf_pass": round(flops / hf_s / peak["best"], 3),
+                "engine_hf_pass_split_seconds": splits[("engine_hf_pass", best["engine_hf_pass"])],
             }
         )
     if mixed_items:

@@ -92,6 +92,8 @@ def test_engine_benchmark_smoke() -> None:
     )
     assert result["mixed_tokens_kept"]["engine_hf_pass"] == sum(lengths)
     assert result["vs_padded_mixed_hf_pass"] > 0
+    split = result["engine_split_seconds"]
+    assert set(split) == {"prefill", "decode"} and 0 < sum(split.values()) <= result["engine_seconds"]
 
 
 def test_engine_benchmark_figures_agree_with_a_clock_outside_it() -> None:

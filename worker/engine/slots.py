@@ -10,6 +10,7 @@ with the next items of the micro-batch.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -48,6 +49,9 @@ class SlotDecoder:
         self.row_steps = 0
         """Token positions computed for rows so far (one per row of each decode step, one per row
         prefilled): what a benchmark divides the tokens kept by."""
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        """Wall seconds spent in prefill passes and in decode steps so far (their logits
+        included), for benchmarks to split a run."""
 
     def run(
         self,
@@ -90,8 +94,10 @@ class SlotDecoder:
             positions, visible = cache.begin_decode(n)
             step = torch.tensor(tokens, dtype=torch.long)[:, None]
             self.row_steps += n
+            started = time.perf_counter()
             logits = fwd(step, visible, positions, cache, adapters=[r.prep.adapter for r in active])
             tokens = self.rules.pick(logits, active)
+            self.seconds["decode"] += time.perf_counter() - started
             self._settle(active, tokens, cache, range(n), finished)
         if queue:
             raise ShutdownRequested(f"stopping with {len(queue)} items not started")
@@ -132,8 +138,10 @@ class SlotDecoder:
                 first_slot + start, [r.prep.prefix for r in group], own[start:end], width, prefixes
             )
             adapters = [r.prep.adapter for r in group]
+            started = time.perf_counter()
             logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
             picks += self.rules.pick(logits, group)
+            self.seconds["prefill"] += time.perf_counter() - started
             self.row_steps += len(group)
             del logits
             start = end
