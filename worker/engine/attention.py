@@ -84,23 +84,39 @@ def slot_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows, heads, _, dim = query.shape
-    # the query heads sharing a key head side by side, as one query block per key head (what
-    # transformers does for one query; sdpa's own GQA path copies the keys on the CPU)
+    out = chunked_attention(query.reshape(rows, heads, dim), key, value, attention_mask, slot_chunks, scaling)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def chunked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    chunks: Sequence[Chunk],
+    scale: float | None,
+) -> torch.Tensor:
+    """Decode attention of one query per row, ``query`` ``[rows, heads, head size]`` over ``key``
+    and ``value`` ``[rows, key heads, span, head size]``, each run of ``chunks`` over its own span
+    (``visible``, ``[rows, 1, 1, span]``, masks a run whose rows differ in length).  The query heads
+    sharing a key head side by side, as one query block per key head (what transformers does for
+    one query; sdpa's own GQA path copies the keys on the CPU).  ``[rows, key heads, heads per key
+    head, head size]``."""
+    rows, heads, dim = query.shape
     packed = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
     outs = []
-    for c in slot_chunks:
-        mask = None if c.exact else attention_mask[c.lo : c.hi, :, :, : c.span]
+    for c in chunks:
+        mask = None if c.exact else visible[c.lo : c.hi, :, :, : c.span]
         outs.append(
             torch.nn.functional.scaled_dot_product_attention(
                 packed[c.lo : c.hi],
                 key[c.lo : c.hi, :, : c.span],
                 value[c.lo : c.hi, :, : c.span],
                 attn_mask=mask,
-                scale=scaling,
+                scale=scale,
             )
         )
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def register() -> None:

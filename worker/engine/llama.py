@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention, silu
+from torch.nn.functional import silu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from worker.engine.attention import Chunk
+from worker.engine.attention import Chunk, chunked_attention
 from worker.engine.cpu import PackedLinear
 from worker.engine.slot_cache import SlotCache
 
@@ -161,23 +161,8 @@ class LlamaPass:
         visible: torch.Tensor,
         chunks: Sequence[Chunk],
     ) -> torch.Tensor:
-        """One query per row ``[rows, heads, head size]``: the query heads of each key head as one
-        block (no repeated keys), each run of rows over its own span."""
-        rows, kv = query.shape[0], self.kv_heads
-        packed = query.reshape(rows, kv, self.heads // kv, self.head_dim)
-        outs = []
-        for c in chunks:
-            mask = None if c.exact else visible[c.lo : c.hi, :, :, : c.span]
-            outs.append(
-                scaled_dot_product_attention(
-                    packed[c.lo : c.hi],
-                    keys[c.lo : c.hi, :, : c.span],
-                    values[c.lo : c.hi, :, : c.span],
-                    attn_mask=mask,
-                    scale=self.scaling,
-                )
-            )
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        """One query per row ``[rows, heads, head size]``, each run of rows over its own span."""
+        return chunked_attention(query, keys, values, visible, chunks, self.scaling)
 
 
 def llama_pass(model: torch.nn.Module) -> LlamaPass | None:
