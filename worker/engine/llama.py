@@ -1,6 +1,6 @@
 """The engine's own pass through a Llama-family decoder (Llama, Qwen2, Mistral) over the slot cache.
 
-transformers runs a decoder layer as ~40 tensor operations behind several Python wrappers (the
+transformers runs a decoder layer as ~35 tensor operations behind several Python wrappers (the
 model's and each layer's ``forward``, output capture, mask preparation, the attention interface):
 on a CPU, where each operation of a 64-row decode step is a few microseconds of work inside a
 parallel region, that fixed cost is a share of the step.  :class:`LlamaPass` computes the same
