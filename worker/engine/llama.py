@@ -178,8 +178,12 @@ def llama_pass(model: torch.nn.Module) -> LlamaPass | None:
         return None
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) > 1:
         return None
+    if not all(hasattr(decoder, n) for n in ("embed_tokens", "rotary_emb", "norm")):
+        return None
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not all(hasattr(attn, n) for n in ("head_dim", "scaling", "num_key_value_groups")):
+            return None
         projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if not all(type(p) in (torch.nn.Linear, PackedLinear) for p in projections):
