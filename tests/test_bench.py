@@ -92,6 +92,7 @@ def test_engine_benchmark_smoke() -> None:
     )
     assert result["mixed_tokens_kept"]["engine_hf_pass"] == sum(lengths)
     assert result["vs_padded_mixed_hf_pass"] > 0
+    assert result["naive_all_seconds"] == [result["naive_seconds"]]  # --repeat 1: one naive run
     split = result["engine_split_seconds"]
     assert set(split) == {"prefill", "decode"} and 0 < sum(split.values()) <= result["engine_seconds"]
 
