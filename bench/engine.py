@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "own_pass": own is not None,
         "engine_split_seconds": splits[("engine", best["engine"])],
     }
-    if "engine_hf_pass" in best:
-        hf_s, hf_tokens, _ = best["engine_hf_pass"]
+    hf_run = best.get("engine_hf_pass")
+    if hf_run is not None:
+        hf_s, hf_tokens, _ = hf_run
         hf_tps = hf_tokens / hf_s
         result.update(
             {
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "own_pass_gain": round(engine_tps / hf_tps, 3),
                 "vs_padded_hf_pass": round(hf_tps / best_padded, 2) if best_padded else None,
                 "roofline_fraction_hf_pass": round(flops / hf_s / peak["best"], 3),
-                "engine_hf_pass_split_seconds": splits[("engine_hf_pass", best["engine_hf_pass"])],
+                "engine_hf_pass_split_seconds": splits[("engine_hf_pass", hf_run)],
             }
         )
     if mixed_items:
@@ -287,8 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b, (s, t) in plain.items():
         rows.append(_row(f"the same, plain nn.Linear, batches of {b}", len(items), t, s, naive_tps))
     rows.append(_row(f"genq engine (batch {tuned})", len(items), engine_tokens, engine_s, naive_tps))
-    if "engine_hf_pass" in best:
-        hf_s, hf_tokens, _ = best["engine_hf_pass"]
+    if hf_run is not None:
         rows.append(_row("the same, transformers' forward pass", len(items), hf_tokens, hf_s, naive_tps))
     if isinstance(batch, tuple):
         batch_s, batch_tokens = batch

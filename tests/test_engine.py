@@ -253,8 +253,7 @@ def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ign
     and through transformers' pass alike."""
     from transformers import AttentionInterface
 
-    from worker.engine import attention
-    from worker.engine.llama import LlamaPass
+    from worker.engine import attention, llama
 
     runs: list[int] = []
     own_runs: list[int] = []
@@ -264,15 +263,13 @@ def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ign
             runs.append(len(slot_chunks))
         return attention.slot_attention(module, query, key, value, mask, slot_chunks=slot_chunks, **kw)
 
-    real = LlamaPass._decode_attention
-
-    def own_counting(self, query, keys, values, visible, chunks):  # type: ignore[no-untyped-def]
+    def own_counting(query, keys, values, visible, chunks, scale):  # type: ignore[no-untyped-def]
         own_runs.append(len(chunks))
-        return real(self, query, keys, values, visible, chunks)
+        return attention.chunked_attention(query, keys, values, visible, chunks, scale)
 
     attention.register()
     AttentionInterface.register(attention.SLOT_ATTENTION, counting)
-    LlamaPass._decode_attention = own_counting  # type: ignore[method-assign]
+    llama.chunked_attention = own_counting  # type: ignore[assignment]
     engine = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)
     engine.forward.live_span = True  # whatever GENQ_LIVE_SPAN_ATTENTION says
     assert engine.forward.own is not None
@@ -283,7 +280,7 @@ def test_live_span_attention_changes_no_token(loaded_fp32) -> None:  # type: ign
         assert live == [r.text for r in hf.generate(_far_apart())]
     finally:
         AttentionInterface.register(attention.SLOT_ATTENTION, attention.slot_attention)
-        LlamaPass._decode_attention = real  # type: ignore[method-assign]
+        llama.chunked_attention = attention.chunked_attention
     assert runs and max(runs) >= 3, runs
     assert own_runs and max(own_runs) >= 3, own_runs
     span = Engine(loaded_fp32, max_batch_size=5, ignore_eos=True)

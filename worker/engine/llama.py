@@ -137,7 +137,7 @@ class LlamaPass:
             qk = (qk * cos).add_(turned)
             keys, values = cache.write(index, qk[:, :, h:], value)
             if decode:
-                out = self._decode_attention(qk[:, 0, :h], keys, values, visible, chunks or ())
+                out = chunked_attention(qk[:, 0, :h], keys, values, visible, chunks or (), self.scaling)
             else:
                 out, _ = sdpa_attention_forward(
                     layer.attn, qk[:, :, :h].transpose(1, 2), keys, values, visible, scaling=self.scaling
@@ -152,17 +152,6 @@ class LlamaPass:
         # product then reads the same strided input, so BLAS takes the same path
         x = _norm(x, self.final_norm, self.final_eps)[:, -1:]
         return self.head(x)[:, -1, :].float()
-
-    def _decode_attention(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        visible: torch.Tensor,
-        chunks: Sequence[Chunk],
-    ) -> torch.Tensor:
-        """One query per row ``[rows, heads, head size]``, each run of rows over its own span."""
-        return chunked_attention(query, keys, values, visible, chunks, self.scaling)
 
 
 def llama_pass(model: torch.nn.Module) -> LlamaPass | None:
