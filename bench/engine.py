@@ -3,7 +3,7 @@ machine's best fp32 kernel measured in the same run.
 
     python -m bench.engine [--json] [--items 64] [--new-tokens 64] [--naive-items 16]
                            [--padded 32,64] [--mixed-mean 32] [--skip-generate-batch] [--repeat N]
-                           [--hf-pass] [--tiny]
+                           [--hf-pass] [--padded-prefill] [--tiny]
 
 All runs share one model — the ~200M-parameter Qwen2-shaped benchmark model (random weights, fp32,
 LoRA adapter merged: the CPU worker's mode), built locally on first use and set up exactly as a
@@ -13,7 +13,9 @@ exactly ``new-tokens`` per prompt:
 
 * **engine**: ``Engine.generate`` on all prompts (the batch size measured first, outside the timing);
   with ``--hf-pass`` also the same engine through transformers' forward pass instead of its own
-  Llama-family pass (:mod:`worker.engine.llama`), interleaved: ``…_hf_pass`` figures;
+  Llama-family pass (:mod:`worker.engine.llama`), interleaved: ``…_hf_pass`` figures; with
+  ``--padded-prefill`` the engine with its prefill rows left-padded side by side instead of packed
+  end to end: ``…_padded_prefill`` figures (``packed_prefill_gain``);
 * **padded**: HF ``generate`` on left-padded batches of 32 and 64 prompts (:func:`bench.hf.run_padded`),
   on the engine's packed weights (the same kernels) and on plain ``nn.Linear`` (what transformers
   alone runs);
@@ -41,6 +43,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +86,27 @@ def run_engine_split(engine: Any, items: list[Any]) -> tuple[tuple[float, int, i
     if bad:
         raise SystemExit(f"engine errors: {bad[0].error}")
     return (seconds, sum(r.usage.completion_tokens for r in results), engine.slots.row_steps - before), parts
+
+
+GAINS = {"hf_pass": "own_pass", "padded_prefill": "packed_prefill"}
+"""A variant's name (``engine_…``) → what ``…_gain`` (the engine's rate ÷ the variant's) measures."""
+LABELS = {
+    "engine_hf_pass": "transformers' forward pass",
+    "engine_padded_prefill": "prefill left-padded",
+}
+
+
+@contextmanager
+def _forward_set(forward: Any, changes: dict[str, Any]) -> Iterator[None]:
+    """``forward``'s attributes set to ``changes`` for the duration."""
+    saved = {k: getattr(forward, k) for k in changes}
+    for k, v in changes.items():
+        setattr(forward, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(forward, k, v)
 
 
 Run = tuple[float, int, int]
@@ -138,6 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="Also run the engine through transformers' forward pass (its own pass off), interleaved.",
     )
+    ap.add_argument(
+        "--padded-prefill",
+        action="store_true",
+        help="Also run the engine with its prefill passes left-padded (not packed), interleaved.",
+    )
     ap.add_argument("--tiny", action="store_true", help="The tiny model (a smoke test, not a figure).")
     args = ap.parse_args(argv)
     padded_sizes = sorted({int(b) for b in args.padded.split(",") if b.strip()})
@@ -169,16 +199,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, list[Run]] = {}
     splits: dict[tuple[str, Run], dict[str, float]] = {}
     own = engine.forward.own
+    variants: list[tuple[str, dict[str, Any]]] = [("engine", {})]
+    if args.hf_pass and own is not None:
+        variants.append(("engine_hf_pass", {"own": None}))
+    if args.padded_prefill and engine.forward.packs:
+        variants.append(("engine_padded_prefill", {"pack_prefill": False}))
     for r in range(max(1, args.repeat)):
         for tag, work, new in workloads:
             print(f"[bench] round {r + 1}: {tag}engine, {len(work)} prompts at batch {tuned} ...", flush=True)
-            variants = [("engine", own)] + ([("engine_hf_pass", None)] if args.hf_pass and own else [])
-            for name, pass_ in variants:
-                engine.forward.own = pass_
-                try:
+            for name, changes in variants:
+                with _forward_set(engine.forward, changes):
                     run, parts = run_engine_split(engine, work)
-                finally:
-                    engine.forward.own = own
                 runs.setdefault(f"{tag}{name}", []).append(run)
                 splits[(f"{tag}{name}", run)] = parts
             for b in padded_sizes:
@@ -245,25 +276,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "own_pass": own is not None,
         "engine_split_seconds": splits[("engine", best["engine"])],
     }
-    hf_run = best.get("engine_hf_pass")
-    if hf_run is not None:
-        hf_s, hf_tokens, _ = hf_run
-        hf_tps = hf_tokens / hf_s
+    for name, _ in variants[1:]:
+        v_s, v_tokens, _ = best[name]
+        v_tps = v_tokens / v_s
+        suffix = name.removeprefix("engine_")
         result.update(
             {
-                "engine_hf_pass_tok_s": round(hf_tps, 2),
-                "own_pass_gain": round(engine_tps / hf_tps, 3),
-                "vs_padded_hf_pass": round(hf_tps / best_padded, 2) if best_padded else None,
-                "roofline_fraction_hf_pass": round(flops / hf_s / peak["best"], 3),
-                "engine_hf_pass_split_seconds": splits[("engine_hf_pass", hf_run)],
+                f"{name}_tok_s": round(v_tps, 2),
+                f"{GAINS[suffix]}_gain": round(engine_tps / v_tps, 3),
+                f"vs_padded_{suffix}": round(v_tps / best_padded, 2) if best_padded else None,
+                f"roofline_fraction_{suffix}": round(flops / v_s / peak["best"], 3),
+                f"{name}_split_seconds": splits[(name, best[name])],
             }
         )
     if mixed_items:
         mixed = {k.removeprefix("mixed "): v for k, v in best.items() if k.startswith("mixed ")}
         baselines = {k: v for k, v in mixed.items() if not k.startswith("engine")}
         vs_mixed, vs_mixed_plain = _compare(mixed["engine"], baselines)
-        if "engine_hf_pass" in mixed:
-            result["vs_padded_mixed_hf_pass"] = _compare(mixed["engine_hf_pass"], baselines)[0]
+        for name, _ in variants[1:]:
+            result[f"vs_padded_mixed_{name.removeprefix('engine_')}"] = _compare(mixed[name], baselines)[0]
         result.update(
             {
                 "vs_padded_mixed": vs_mixed,
@@ -288,8 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b, (s, t) in plain.items():
         rows.append(_row(f"the same, plain nn.Linear, batches of {b}", len(items), t, s, naive_tps))
     rows.append(_row(f"genq engine (batch {tuned})", len(items), engine_tokens, engine_s, naive_tps))
-    if hf_run is not None:
-        rows.append(_row("the same, transformers' forward pass", len(items), hf_tokens, hf_s, naive_tps))
+    for name, _ in variants[1:]:
+        v_s, v_tokens, _ = best[name]
+        rows.append(_row(f"the same, {LABELS[name]}", len(items), v_tokens, v_s, naive_tps))
     if isinstance(batch, tuple):
         batch_s, batch_tokens = batch
         result["generate_batch_tok_s"] = round(batch_tokens / batch_s, 2)

@@ -54,7 +54,8 @@ def test_fleet_benchmark_smoke() -> None:
 def test_engine_benchmark_smoke() -> None:
     result = engine.main(
         ["--tiny", "--items", "12", "--new-tokens", "6", "--naive-items", "3", "--padded", "4,8",
-         "--padded-plain", "8", "--skip-generate-batch", "--mixed-mean", "6", "--hf-pass"]
+         "--padded-plain", "8", "--skip-generate-batch", "--mixed-mean", "6", "--hf-pass",
+         "--padded-prefill"]
     )  # fmt: skip
     # EOS is ignored, so every prompt generates exactly --new-tokens
     assert result["engine_tokens"] == 12 * 6
@@ -92,6 +93,12 @@ def test_engine_benchmark_smoke() -> None:
     )
     assert result["mixed_tokens_kept"]["engine_hf_pass"] == sum(lengths)
     assert result["vs_padded_mixed_hf_pass"] > 0
+    # and with its prefill left-padded instead of packed: the same tokens, its own figures
+    assert result["engine_padded_prefill_tok_s"] > 0 and result["vs_padded_mixed_padded_prefill"] > 0
+    assert result["packed_prefill_gain"] == pytest.approx(
+        result["engine_tok_s"] / result["engine_padded_prefill_tok_s"], rel=0.02
+    )
+    assert result["mixed_tokens_kept"]["engine_padded_prefill"] == sum(lengths)
     assert result["naive_all_seconds"] == [result["naive_seconds"]]  # --repeat 1: one naive run
     split = result["engine_split_seconds"]
     assert set(split) == {"prefill", "decode"} and 0 < sum(split.values()) <= result["engine_seconds"]

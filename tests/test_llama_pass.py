@@ -11,6 +11,7 @@ from worker.core.settings import Settings
 from worker.engine import Engine, SlotCache, build_engine
 from worker.engine.forward import Forward
 from worker.engine.llama import LlamaPass, llama_pass
+from worker.engine.prefix import PrefixKV
 
 
 def _passes(fwd: Forward, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -69,6 +70,63 @@ def test_the_own_pass_gives_transformers_logits_bit_for_bit(tiny_profile, packed
             assert calls == len(want)  # every pass ran through the own pass
             for i, (a, b) in enumerate(zip(got, want, strict=True)):
                 assert torch.equal(a, b), (live, i, (a - b).abs().max())
+
+
+def _prefix(fwd: Forward, ids: torch.Tensor) -> PrefixKV:
+    """The keys and values of ``ids`` ``[1, n]`` computed alone, as a shared prefix."""
+    cache = SlotCache(1, ids.shape[1])
+    positions, visible = cache.begin_prefill(0, [0], [ids.shape[1]], ids.shape[1])
+    fwd(ids, visible, positions, cache, last_only=True)
+    layers = [cache.layer(i, 0) for i in range(len(cache.key_slots))]
+    return PrefixKV(tuple(ids[0].tolist()), [k.clone() for k, _ in layers], [v.clone() for _, v in layers])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_packed_prefill_gives_each_row_what_it_gets_alone_bit_for_bit(tiny_profile, packed: bool) -> None:  # type: ignore[no-untyped-def]
+    """Rows end to end with no padding (one of them after a shared prefix) give the logits and
+    the slot contents each row gets prefilled alone through transformers' pass: exactly on packed
+    weights (oneDNN's product computes each row alike whatever the others), to BLAS's rounding on
+    plain ones (its result for a row depends on how many rows it multiplies: a row alone differs
+    from the same row in a batch there, through any pass); and the decode steps after them too."""
+    from worker.model.loading import load_model
+
+    loaded = load_model(tiny_profile, "fp32")
+    if packed:
+        build_engine(loaded, settings=Settings(threads=2), autotune=False, max_batch_size=4)
+    model, vocab = loaded.model, int(loaded.model.config.vocab_size)
+    fwd = Forward(model, pad_id=0)
+    own = llama_pass(model)
+    assert own is not None
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        prefix = _prefix(fwd, torch.randint(0, vocab, (1, 6), generator=gen))
+        rows = [torch.randint(0, vocab, (n,), generator=gen) for n in (30, 9, 4, 1)]
+        starts, lengths = [0, prefix.length, 0, 0], [len(r) for r in rows]
+        prefixes = [None, prefix, None, None]
+        steps = [torch.randint(0, vocab, (5, 1), generator=gen) for _ in range(3)]
+        alone, together = SlotCache(5, 64), SlotCache(5, 64)
+        firsts = []
+        for i, r in enumerate(rows):
+            positions, visible = alone.begin_prefill(1 + i, [starts[i]], [len(r)], len(r), [prefixes[i]])
+            firsts.append(fwd(r[None], visible, positions, alone, last_only=True))
+        want = [torch.cat(firsts)]
+        fwd.own = own
+        assert fwd.packs
+        positions, segments = together.begin_packed(1, starts, lengths, prefixes)
+        assert positions.shape == (1, sum(lengths))
+        got = [fwd.packed(torch.cat(rows)[None], positions, segments, together)]
+        assert together.lengths == alone.lengths == [0, 30, 15, 4, 1]
+        same = torch.equal if packed else lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        for slot in range(1, 5):
+            for layer in range(len(alone.key_slots)):
+                assert all(map(same, alone.layer(layer, slot), together.layer(layer, slot))), (slot, layer)
+        for step in steps:  # the rows decode on from either cache alike
+            for cache, out in ((alone, want), (together, got)):
+                cache.lengths[0] = 0
+                positions, visible = cache.begin_decode(5)
+                out.append(fwd(step, visible, positions, cache)[1:])
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert same(a, b), (i, (a - b).abs().max())
 
 
 def _items() -> list[Item]:

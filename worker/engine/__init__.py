@@ -10,8 +10,9 @@ rows that leave the batch as soon as they finish, their place taken by the next 
   (fewer if ``max_batch_tokens`` — rows × (prompt + new tokens) — says so): continuous batching.
   When rows finish, the next items of the micro-batch are prefilled and take their places.
 * Every row has a preallocated slot in a per-batch KV cache (:class:`SlotCache`).  Prefill runs in
-  length-sorted groups of about ``PREFILL_TOKENS`` padded tokens, left-padded, writing each row's
-  keys and values straight into its slot, unpadded, with the logits of the last position only; a
+  length-sorted groups of about ``PREFILL_TOKENS`` tokens — packed end to end, unpadded, through
+  the engine's own pass (:mod:`worker.engine.llama`), else left-padded — writing each row's keys
+  and values straight into its slot, unpadded, with the logits of the last position only; a
   decode step writes every row's new key and value at that row's own position and attends over a
   per-row mask, so no step re-creates the cache (no ``torch.cat``) or depends on a neighbour's
   length.  Models whose attention this cannot express (sliding windows, attention kernels other

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from worker.engine.adapters import AdapterRouter
 from worker.engine.attention import slot_attention_on
 from worker.engine.llama import LlamaPass
-from worker.engine.slot_cache import SlotCache
+from worker.engine.slot_cache import Segment, SlotCache
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -90,6 +90,23 @@ class Forward:
         self.own: LlamaPass | None = None
         """The engine's own pass for slot-cache passes of a Llama-family model (set by the engine
         where :func:`worker.engine.llama.llama_pass` fits the model); None: transformers' pass."""
+        self.pack_prefill = True
+        """Prefill passes through the own pass lay their rows end to end, unpadded (:meth:`packed`);
+        off: left-padded side by side, as transformers' pass takes them (benchmarks compare)."""
+
+    @property
+    def packs(self) -> bool:
+        """Whether prefill passes go through :meth:`packed`."""
+        return self.pack_prefill and self.own is not None and self.attention == "sdpa"
+
+    def packed(
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment], cache: SlotCache
+    ) -> torch.Tensor:
+        """The logits ``[rows, vocab]`` (float) of each row's last token in a packed prefill pass
+        (:meth:`SlotCache.begin_packed`); only where :attr:`packs`."""
+        if self.own is None:
+            raise RuntimeError("packed prefill needs the engine's own pass")
+        return self.own.packed(ids, positions, segments, cache)
 
     def __call__(
         self,

@@ -27,17 +27,18 @@ projection a :class:`torch.nn.Linear` (packed or not); anything else runs transf
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.nn.functional import silu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from worker.engine.attention import Chunk, chunked_attention
 from worker.engine.cpu import PackedLinear
-from worker.engine.slot_cache import SlotCache
+from worker.engine.slot_cache import Segment, SlotCache, segment_visibility
 
 FAMILIES = ("llama", "qwen2", "mistral")
 """``config.model_type`` values whose decoder layers :class:`LlamaPass` computes."""
@@ -72,6 +73,11 @@ class _Layer:
     down: torch.nn.Module
     attn: torch.nn.Module
     """The attention module (what transformers' sdpa function reads its settings from)."""
+
+
+_Attend = Callable[[_Layer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A pass's attention: (layer, queries ``[rows, tokens, heads, head size]``, the pass's key and
+value slots ``[rows, key heads, span, head size]``) → ``[rows, tokens, heads, head size]``."""
 
 
 class LlamaPass:
@@ -120,6 +126,54 @@ class LlamaPass:
         attended over its own span (None: every row over the pass's span, under ``visible``).
         ``last_only`` is the caller's (transformers' ``logits_to_keep=1``): the head runs on the
         last position here always."""
+        decode = ids.shape[1] == 1 and chunks is not None
+
+        def attend(layer: _Layer, query: torch.Tensor, keys: Tensor, values: Tensor) -> torch.Tensor:
+            if decode:
+                return chunked_attention(query[:, 0], keys, values, visible, chunks or (), self.scaling)
+            out, _ = sdpa_attention_forward(
+                layer.attn, query.transpose(1, 2), keys, values, visible, scaling=self.scaling
+            )
+            return out
+
+        x = self._layers(ids, positions, cache, attend)
+        # the norm over every position, then the last one's slice, as transformers does: the head's
+        # product then reads the same strided input, so BLAS takes the same path
+        x = _norm(x, self.final_norm, self.final_eps)[:, -1:]
+        return self.head(x)[:, -1, :].float()
+
+    def packed(
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment], cache: SlotCache
+    ) -> torch.Tensor:
+        """A prefill pass whose rows lie end to end in one row of ``ids`` ``[1, tokens]``, no
+        padding (:meth:`SlotCache.begin_packed`): every product runs over the real tokens only,
+        attention per row over its own keys.  The logits ``[rows, vocab]`` (float) of each
+        segment's last token."""
+        masks = [segment_visibility(s) for s in segments]
+
+        def attend(layer: _Layer, query: torch.Tensor, keys: Tensor, values: Tensor) -> torch.Tensor:
+            outs = []
+            for s, mask in zip(segments, masks, strict=True):
+                span = s.start + s.tokens
+                out, _ = sdpa_attention_forward(
+                    layer.attn,
+                    query[:, s.first : s.first + s.tokens].transpose(1, 2),
+                    keys[s.row : s.row + 1, :, :span],
+                    values[s.row : s.row + 1, :, :span],
+                    mask,
+                    scaling=self.scaling,
+                )
+                outs.append(out)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+        x = self._layers(ids, positions, cache, attend)
+        last = torch.tensor([s.first + s.tokens - 1 for s in segments], dtype=torch.long)
+        return self.head(_norm(x[0, last], self.final_norm, self.final_eps)).float()
+
+    def _layers(self, ids: Tensor, positions: Tensor, cache: SlotCache, attend: _Attend) -> Tensor:
+        """The decoder layers over ``ids`` ``[rows, tokens]``, keys and values written into
+        ``cache``, attention by ``attend`` (the queries ``[rows, tokens, heads, head size]`` and
+        the pass's slots): the last layer's output, before the final norm."""
         rows, tokens = ids.shape
         h, d, kv = self.heads, self.head_dim, self.kv_heads
         x = self.embed(ids)
@@ -127,7 +181,6 @@ class LlamaPass:
         half = d // 2
         cos = cos[:, :, None, :]
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None, :]
-        decode = tokens == 1 and chunks is not None
         for index, layer in enumerate(self.layers):
             y = _norm(x, layer.norm_in, layer.eps_in)
             qkv = _fused_product(layer.qkv, y)
@@ -136,22 +189,14 @@ class LlamaPass:
             turned = torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(sin)
             qk = (qk * cos).add_(turned)
             keys, values = cache.write(index, qk[:, :, h:], value)
-            if decode:
-                out = chunked_attention(qk[:, 0, :h], keys, values, visible, chunks or (), self.scaling)
-            else:
-                out, _ = sdpa_attention_forward(
-                    layer.attn, qk[:, :, :h].transpose(1, 2), keys, values, visible, scaling=self.scaling
-                )
+            out = attend(layer, qk[:, :, :h], keys, values)
             x = layer.o_proj(out.reshape(rows, tokens, h * d)).add_(x)
             y = _norm(x, layer.norm_post, layer.eps_post)
             gate_up = _fused_product(layer.gate_up, y)
             inner = gate_up.shape[-1] // 2
             act = silu(gate_up[..., :inner]).mul_(gate_up[..., inner:])
             x = layer.down(act).add_(x)
-        # the norm over every position, then the last one's slice, as transformers does: the head's
-        # product then reads the same strided input, so BLAS takes the same path
-        x = _norm(x, self.final_norm, self.final_eps)[:, -1:]
-        return self.head(x)[:, -1, :].float()
+        return x
 
 
 def llama_pass(model: torch.nn.Module) -> LlamaPass | None:

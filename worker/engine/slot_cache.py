@@ -7,6 +7,9 @@ padding in front.  A pass covers a contiguous range of slots ``[lo, hi)``:
   a common width; row ``r``'s real tokens are written at positions ``starts[r] …`` of its slot
   (``starts[r]`` > 0 when the row begins with a shared prefix already copied there), its padding to
   a scratch position past the capacity that no row ever attends to;
+* a **packed prefill** pass (:meth:`SlotCache.begin_packed`) feeds the same tokens end to end in
+  one row, with no padding, for a caller that computes attention per row itself (the engine's own
+  pass, :mod:`worker.engine.llama`);
 * a **decode** pass (:meth:`SlotCache.begin_decode`) feeds one token per row, written at the row's
   own length.
 
@@ -22,13 +25,34 @@ where the layer runs; the write indices are kept per device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers.cache_utils import Cache
 
 from worker.engine.attention import Chunk, live_chunks
 from worker.engine.prefix import PrefixKV
+
+
+class Segment(NamedTuple):
+    """One row of a packed prefill pass (:meth:`SlotCache.begin_packed`)."""
+
+    row: int
+    """The row's index in the pass (its slot is the pass's first slot + ``row``)."""
+    first: int
+    """Where its new tokens begin in the pass's one row of tokens."""
+    tokens: int
+    """Its new tokens."""
+    start: int
+    """Positions already in its slot before them (a shared prefix)."""
+
+
+def segment_visibility(segment: Segment) -> torch.Tensor:
+    """What each of ``segment``'s new tokens sees of its slot, ``[1, 1, tokens, start + tokens]``
+    (bool): its prefix and itself, causally."""
+    keys = torch.arange(segment.start + segment.tokens, dtype=torch.long)
+    queries = torch.arange(segment.start, segment.start + segment.tokens, dtype=torch.long)
+    return (keys[None, :] <= queries[:, None])[None, None]
 
 
 class SlotCache(Cache):
@@ -92,6 +116,34 @@ class SlotCache(Cache):
         visible = (keys[None, None, :] <= pos[:, :, None]) & real[:, :, None]
         visible[:, :, 0] |= ~real  # padding sees one key, so no softmax row is empty
         return torch.where(real, pos, 0), visible[:, None]
+
+    def begin_packed(
+        self,
+        lo: int,
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        prefixes: Sequence[PrefixKV | None] | None = None,
+    ) -> tuple[torch.Tensor, list[Segment]]:
+        """:meth:`begin_prefill` with the rows' new tokens end to end in one row of
+        ``sum(lengths)`` tokens instead of left-padded side by side: no product is spent on
+        padding.  Returns the positions ``[1, sum(lengths)]`` and each row's :class:`Segment`;
+        attention is the caller's, per segment (the pass's slots from :meth:`write`, row
+        ``segment.row``, its first ``start + tokens`` keys: :func:`segment_visibility`)."""
+        n = len(starts)
+        segments, first = [], 0
+        for r, (s, m) in enumerate(zip(starts, lengths, strict=True)):
+            segments.append(Segment(r, first, m, s))
+            first += m
+            self.lengths[lo + r] = s + m
+        pos = torch.cat([torch.arange(s.start, s.start + s.tokens, dtype=torch.long) for s in segments])
+        slots = torch.repeat_interleave(
+            torch.arange(lo, lo + n, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+        )
+        self._span = max(s + m for s, m in zip(starts, lengths, strict=True))
+        self._begin(lo, lo + n, max(lengths), slots[None], pos[None])
+        self._copies = [(lo + r, p) for r, p in enumerate(prefixes or []) if p is not None]
+        self.chunks = None
+        return pos[None], segments
 
     def begin_decode(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A pass feeding one token to each of the first ``n`` rows.  Returns the positions

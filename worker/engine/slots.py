@@ -1,6 +1,7 @@
 """Continuous batching over a :class:`SlotCache`: rows leave as they finish, new rows take their place.
 
-Prefill runs in groups of about :data:`PREFILL_TOKENS` padded tokens (rows sorted by length),
+Prefill runs in groups of about :data:`PREFILL_TOKENS` tokens (rows sorted by length), packed end
+to end where the engine's own pass runs (else left-padded, padding counted),
 straight into the rows' slots, with the logits of the last position only.  A row that begins with a
 shared prefix (:mod:`worker.engine.prefix`) starts from a copy of that prefix's keys and values and
 prefills only the rest of its prompt.  A decode step feeds every row its last token; rows that
@@ -119,33 +120,52 @@ class SlotDecoder:
             tokens.pop()
 
     def _prefill(self, rows: list[Row], cache: SlotCache, first_slot: int) -> list[int]:
-        """Prefill ``rows`` (sorted by the length they prefill, longest first) in groups, into
-        slots from ``first_slot``; returns each row's first token."""
+        """Prefill ``rows`` (sorted by the length they prefill, longest first) in groups of about
+        :data:`PREFILL_TOKENS` tokens, into slots from ``first_slot``; returns each row's first
+        token.  Packed (end to end, no padding) where the forward pass takes it, else left-padded
+        (then a group's width is its longest row's)."""
         picks: list[int] = []
         start = 0
         own = [len(r.prep.ids) - r.prep.prefix for r in rows]
+        packs = self.forward.packs
         while start < len(rows):
-            end = start + 1
-            while end < len(rows) and max(own[start], own[end]) * (end + 1 - start) <= PREFILL_TOKENS:
+            end, total = start + 1, own[start]
+            while end < len(rows):
+                total += own[end]
+                cost = total if packs else max(own[start], own[end]) * (end + 1 - start)
+                if cost > PREFILL_TOKENS:
+                    break
                 end += 1
             group = rows[start:end]
             prefixes = [self.prefix_kv(r.prep) for r in group]
-            width = max(own[start:end])
-            ids = torch.full((len(group), width), self.forward.pad_id, dtype=torch.long)
-            for i, r in enumerate(group):
-                ids[i, width - own[start + i] :] = torch.tensor(r.prep.ids[r.prep.prefix :], dtype=torch.long)
-            positions, visible = cache.begin_prefill(
-                first_slot + start, [r.prep.prefix for r in group], own[start:end], width, prefixes
-            )
+            starts = [r.prep.prefix for r in group]
             adapters = [r.prep.adapter for r in group]
             started = time.perf_counter()
-            logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
+            if packs:
+                ids = torch.tensor([t for r in group for t in r.prep.ids[r.prep.prefix :]], dtype=torch.long)
+                positions, segments = cache.begin_packed(first_slot + start, starts, own[start:end], prefixes)
+                logits = self.forward.packed(ids[None], positions, segments, cache)
+            else:
+                ids = self._left_padded(group)
+                positions, visible = cache.begin_prefill(
+                    first_slot + start, starts, own[start:end], ids.shape[1], prefixes
+                )
+                logits = self.forward(ids, visible, positions, cache, last_only=True, adapters=adapters)
             picks += self.rules.pick(logits, group)
             self.seconds["prefill"] += time.perf_counter() - started
             self.row_steps += len(group)
             del logits
             start = end
         return picks
+
+    def _left_padded(self, rows: list[Row]) -> torch.Tensor:
+        """The tokens ``rows`` prefill (after their prefixes), left-padded to the longest."""
+        own = [r.prep.ids[r.prep.prefix :] for r in rows]
+        width = max(map(len, own))
+        ids = torch.full((len(rows), width), self.forward.pad_id, dtype=torch.long)
+        for i, tokens in enumerate(own):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        return ids
 
     def prefix_kv(self, prep: Prepared) -> PrefixKV | None:
         """The keys and values of ``prep``'s shared prefix: kept, or computed once now."""
