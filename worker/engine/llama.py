@@ -128,7 +128,7 @@ class LlamaPass:
         last position here always."""
         decode = ids.shape[1] == 1 and chunks is not None
 
-        def attend(layer: _Layer, query: torch.Tensor, keys: Tensor, values: Tensor) -> torch.Tensor:
+        def attend(layer: _Layer, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
             if decode:
                 return chunked_attention(query[:, 0], keys, values, visible, chunks or (), self.scaling)
             out, _ = sdpa_attention_forward(
@@ -154,7 +154,7 @@ class LlamaPass:
         # less time than the same attention under a mask (docs/BENCHMARKS.md)
         masks = [segment_visibility(s) if s.start else None for s in segments]
 
-        def attend(layer: _Layer, query: torch.Tensor, keys: Tensor, values: Tensor) -> torch.Tensor:
+        def attend(layer: _Layer, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
             outs = []
             for s, mask in zip(segments, masks, strict=True):
                 span = s.start + s.tokens
