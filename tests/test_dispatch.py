@@ -228,3 +228,88 @@ def test_a_worker_on_some_queues_registers_as_the_consumer_of_those_only(redis_s
     runtime.beat()
     r = redis_server.client()
     assert [q for q in every if r.zscore(consumers_key(q), "w-high") is not None] == high
+
+
+# --- an `any` job's chunks on the queue of a mode whose last worker is gone ------------------------
+
+
+def test_an_any_jobs_chunks_left_on_a_dead_modes_queue_go_to_a_live_mode(redis_server: RedisServer) -> None:
+    """The only nf4 worker dies with three of an `any` job's chunks dispatched to its queue: the
+    next heartbeat of an fp32 worker gives them back (their job's backlog, oldest first) and
+    dispatches them to the fp32 queue, so the fp32 worker runs the whole job in order; a job
+    pinned to nf4 keeps its message on the nf4 queue.  Real messages (Celery's and kombu's
+    envelopes, as a submit publishes them), a real worker runtime's heartbeat."""
+    from worker.core.profiles import load_profile
+    from worker.core.states import Mode
+    from worker.queue.app import make_app
+    from worker.queue.publish import publish_chunks
+    from worker.queue.routing import worker_queues
+    from worker.queue.task import serve
+    from worker.runtime import Runtime
+    from worker.store.keys import consumers_key
+
+    settings = Settings.from_env({"GENQ_BROKER_URL": redis_server.url, "GENQ_QUEUE_DEPTH": "4"})
+    app = make_app(settings)
+    store = RedisStore(settings=settings)
+    r = redis_server.client()
+
+    def job(name: str, n: int, mode: str) -> None:
+        spec = JobSpec(job_id=name, profile="tiny-random", chunk_size=1, total=n, mode=mode, incarnation="5e")
+        r.hset(
+            f"genq:job:{name}", mapping={"status": "in_progress", "spec": spec.model_dump_json(), "inc": "5e"}
+        )
+        publish_chunks(spec, {f"c{i:06d}": [i] for i in range(n)}, app, store=store)
+
+    try:
+        store.register_consumer("w-nf4", [NF4, QUEUE], ttl=30)
+        job("p", 1, "nf4")
+        job("a", 10, "any")
+        assert [task_id(m) for m in r.lrange(NF4, 0, -1)] == [f"a:c{n:06d}@5e" for n in (2, 1, 0)] + [
+            "p:c000000@5e"
+        ]
+        assert r.llen(FP32) == 0 and store.backlog_length("a") == 7
+
+        runtime = Runtime(settings, name="w-fp32")
+        runtime.profile, runtime.mode = load_profile("tiny-random"), Mode.FP32
+        serve(runtime, worker_queues("tiny-random", Mode.FP32))
+        runtime.beat()  # the nf4 worker still lives: nothing of its queue moves
+        assert r.llen(NF4) == 4 and store.backlog_length("a") == 7 - 4 and r.llen(FP32) == 4
+
+        r.zadd(consumers_key(NF4), {"w-nf4": 1.0})  # its heartbeat lapsed: it is gone
+        runtime.beat()
+        assert [task_id(m) for m in r.lrange(NF4, 0, -1)] == ["p:c000000@5e"]  # pinned: stays
+        taken = run_worker(store, "fp32")
+        assert taken == [f"a:c{n:06d}@5e" for n in (3, 4, 5, 6, 0, 1, 2, 7, 8, 9)]
+        assert store.backlog_length("a") == 0 and r.llen(NF4) == 1
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("change", ["cancelled", "another incarnation"])
+def test_an_ended_or_replaced_any_jobs_messages_on_a_dead_modes_queue_are_dropped(
+    redis_server: RedisServer, change: str
+) -> None:
+    """What would be given back belongs to a job that ended, or to an incarnation since replaced:
+    it is dropped (as dispatch drops such a job's backlog), never handed to a live mode."""
+    from worker.core.states import Mode
+    from worker.queue.routing import rescue_targets
+    from worker.store.keys import consumers_key
+
+    store = store_for(redis_server, depth=2)
+    r = redis_server.client()
+    store.register_consumer("w-nf4", [NF4, QUEUE], ttl=30)
+    spec = JobSpec(job_id="x", profile="tiny-random", chunk_size=1, total=3, mode="any", incarnation="7")
+    r.hset("genq:job:x", mapping={"status": "in_progress", "spec": spec.model_dump_json(), "inc": "7"})
+    for n in range(3):  # addressed to the any queue, as kombu addresses an any job's messages
+        raw = {"headers": {"id": f"x:c{n:06d}@7"}, "properties": {"delivery_info": {"routing_key": QUEUE}}}
+        store.enqueue("x", QUEUE, [[json.dumps(raw)]], inc="7", targets=[(NF4, QUEUE)])
+    assert r.llen(NF4) == 2 and store.backlog_length("x") == 1
+    r.zadd(consumers_key(NF4), {"w-nf4": 1.0})
+    if change == "cancelled":
+        r.hset("genq:job:x", "status", "cancelled")
+    else:
+        r.hset("genq:job:x", "inc", "8")
+    store.register_consumer("w-fp32", [FP32, QUEUE], ttl=30)
+    assert store.rescue(rescue_targets("tiny-random", Mode.FP32, [FP32, QUEUE])) == 0
+    assert r.llen(NF4) == 0 and store.backlog_length("x") == 1  # dropped; the backlog is dispatch's
+    assert store.dispatch([(FP32, QUEUE)]) == 0 and r.llen(FP32) == 0  # nor does it reach fp32

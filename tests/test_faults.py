@@ -612,6 +612,34 @@ def test_resubmitting_the_same_job_id_does_no_duplicate_work(
     assert set(attempts(r, job).values()) == {1}
 
 
+def test_an_any_jobs_chunks_on_a_killed_nf4_workers_queue_run_on_the_fp32_worker(
+    stack: Stack, tmp_path: Path, master: Path, reference: dict[str, str]
+) -> None:
+    """The only nf4 worker is SIGKILLed while chunks of an ``any`` job wait on the nf4 queue: the
+    fp32 worker's next heartbeat gives them back to the job (``stranded_chunks_returned``) and
+    runs them, so the job completes, every item once in input order (the fp32 worker's with the
+    clean run's text); nothing is left on the nf4 queue.  (Without the give-back they would wait
+    there for an nf4 worker that never comes, and the job would never end.)  Last of the stack's
+    tests: it kills the stack's nf4 worker."""
+    r = stack.server.client()
+    nf4_queue = f"genq.{PROFILE}.nf4"
+    job = submit(stack.url, take(master, 200, tmp_path / "in.jsonl"), "--chunk-size", "2")
+    wait_for(
+        lambda: job_counts(r, job)["succeeded"] >= 10 and r.llen(nf4_queue) > 0, timeout=60, what="nf4 queue"
+    )
+    assert not log_events(stack.fp32.log_path, "stranded_chunks_returned")  # nf4 alive: none
+    stack.nf4.kill()
+    stranded = r.llen(nf4_queue)
+    assert wait_final(r, job, timeout=90) == "completed", (stranded, r.llen(nf4_queue))
+    returned = log_events(stack.fp32.log_path, "stranded_chunks_returned")
+    assert returned and sum(int(str(e["messages"])) for e in returned) >= 1, stranded
+    assert r.llen(nf4_queue) == 0
+    got, _ = collect(stack.url, job, tmp_path / "out.jsonl")
+    assert [row["id"] for row in got] == ids(200) and all(row["status"] == "ok" for row in got)
+    fp32 = [row for row in got if row["mode"] == "fp32"]  # nf4's quantised weights say other things
+    assert fp32 and all(row["text"] == reference[row["id"]] for row in fp32)
+
+
 # --- expiry ------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ naming what changed, when an upgrade moves them (pyproject.toml pins the ranges 
 - kombu and Celery: genq's pipelined publisher (worker/queue/publish.py) builds task messages with
   Celery's ``as_task_v2`` and kombu's ``prepare_message``, ``_inplace_augment_message`` and
   ``_q_for_pri``; worker/store/lua/dispatch.lua moves them onto the list kombu consumes;
+  worker/store/lua/rescue.lua reads a waiting message's ``headers.id`` and
+  ``properties.delivery_info.routing_key``;
   worker/queue/messages.py and worker/queue/exporter.py read kombu's queues, bindings and
   ``unacked`` hash.  Checked against what ``send_task`` and a real kombu consumer write.
 - peft: worker/engine/adapters.py sets LoRA layers' ``_active_adapter``.

@@ -96,6 +96,9 @@ class Runtime:
         self.targets: list[str | tuple[str, str]] = []
         """What a dispatch of this process tops up (set with ``queues`` by the queue layer:
         each mode queue also from its level's ``any`` jobs; worker.queue.routing)."""
+        self.rescues: list[tuple[str, str]] = []
+        """The other modes' queues (each with its level's ``any`` queue) whose ``any`` messages
+        each heartbeat gives back when no live worker consumes them (set with ``queues``)."""
         self._store: RedisStore | None = None
         self._heartbeat: threading.Thread | None = None
         self._hardware: str | None = None
@@ -202,6 +205,9 @@ class Runtime:
             self.store.heartbeat(self.name, self.info(), ttl=ttl)
             if self.queues:
                 self.store.register_consumer(self.name, self.queues, ttl)
+                given = self.store.rescue(self.rescues)  # any jobs' chunks on a mode left unserved
+                if given:
+                    self.log.info("stranded_chunks_returned", messages=given)
                 self.store.dispatch(self.targets)  # makes up a dispatch lost to a crash
             measured = self.throughput()
             if measured is not None:

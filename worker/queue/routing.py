@@ -9,7 +9,8 @@ fills ``any`` queues: a mode's queue is topped up from its own jobs and, taking 
 from the ``any`` jobs of its level (:func:`dispatch_targets`), and a job pinned to a mode and an
 ``any`` job share a worker round robin.  An ``any`` queue only receives messages kombu restores
 there (a dead worker's, addressed to it), or from the dispatch of a worker that consumes it
-without its mode's queue (``-Q``)."""
+without its mode's queue (``-Q``).  What an ``any`` job already has on the queue of a mode whose
+last worker is gone, a worker of another mode gives back at its heartbeat (:func:`rescue_targets`)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def dispatch_targets(profile: str, mode: Mode, consumed: Sequence[str]) -> list[
         elif anyq in consumed:
             targets.append(anyq)
     return targets
+
+
+def rescue_targets(profile: str, mode: Mode, consumed: Sequence[str]) -> list[tuple[str, str]]:
+    """The other modes' queues whose ``any`` messages a worker of ``mode`` consuming ``consumed``
+    gives back when no live worker consumes them (:meth:`worker.store.dispatch.Dispatcher.rescue`),
+    each with the ``any`` queue of its level: at the levels whose ``any`` queue it consumes."""
+    pairs: list[tuple[str, str]] = []
+    for level in LEVELS:
+        anyq = queue_name(profile, QueueMode.ANY, level)
+        if anyq in consumed:
+            pairs += [(queue_name(profile, m, level), anyq) for m in Mode if m != mode]
+    return pairs
 
 
 def publish_targets(profile: str, mode: QueueMode, priority: Priority) -> list[str | tuple[str, str]]:

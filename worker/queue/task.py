@@ -25,7 +25,7 @@ from worker.queue.leases import keeper, sweep_hook
 from worker.queue.messages import withdraw
 from worker.queue.publish import publish_chunks
 from worker.queue.recovery import recovery_hook
-from worker.queue.routing import TASK_NAME, dispatch_targets, worker_queues
+from worker.queue.routing import TASK_NAME, dispatch_targets, rescue_targets, worker_queues
 from worker.runtime import Runtime, get_runtime
 from worker.store.memory import full_notice, is_full, wait_for_room
 
@@ -169,6 +169,7 @@ def serve(runtime: Runtime, queues: list[str]) -> None:
     runtime.queues = list(queues)
     if runtime.profile is not None and runtime.mode is not None:
         runtime.targets = dispatch_targets(runtime.profile.name, runtime.mode, runtime.queues)
+        runtime.rescues = rescue_targets(runtime.profile.name, runtime.mode, runtime.queues)
 
 
 @signals.worker_ready.connect

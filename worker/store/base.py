@@ -31,6 +31,7 @@ SCRIPTS = (
     "unrecord",
     "delete",
     "dispatch",
+    "rescue",
     "renew",
     "waste",
     "drain",

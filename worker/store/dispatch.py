@@ -57,6 +57,19 @@ class Dispatcher(StoreBase):
             return 0
         return int(self._script("dispatch", self._dispatch_keys(targets), self._dispatch_args()))
 
+    def rescue(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """Give back the ``any`` jobs' messages waiting on each mode queue of ``pairs`` (``(mode
+        queue, the any queue of its level)``) that no live worker consumes: to the front of their
+        jobs' backlogs, the jobs back in the any ring (``lua/rescue.lua``).  Returns how many
+        (one EVALSHA); a dispatch then hands them to a mode with a live worker."""
+        if not pairs:
+            return 0
+        keys: list[str] = []
+        for queue, anyq in pairs:
+            keys += [queue, consumers_key(queue), ring_key(anyq)]
+        args = [time.time(), JOB_PREFIX, *(anyq for _, anyq in pairs)]
+        return int(self._script("rescue", keys, args))
+
     def enqueue(
         self,
         job_id: str,
